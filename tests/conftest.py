@@ -1,0 +1,38 @@
+"""Shared fixtures and settings for the unit and property tests."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from torch import nn
+
+os.environ.setdefault("PRUNING_BOOK_QUIET", "1")
+torch.set_num_threads(2)
+settings.register_profile("book", deadline=None, max_examples=25,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("book")
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything that describes the model's state: tensors by name, and its pruning hooks."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hooks = [(name, len(m._forward_pre_hooks)) for name, m in model.named_modules()]
+    return {"state": state, "hooks": hooks}
+
+
+def same_snapshot(a: dict, b: dict) -> bool:
+    return (a["hooks"] == b["hooks"] and a["state"].keys() == b["state"].keys()
+            and all(_equal(a["state"][k], b["state"][k]) for k in a["state"]))
+
+
+def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bit-for-bit equal, NaN matching NaN."""
+    if x.is_floating_point():
+        return x.shape == y.shape and bool(torch.allclose(x, y, rtol=0, atol=0, equal_nan=True))
+    return torch.equal(x, y)
+
+
+@pytest.fixture
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))

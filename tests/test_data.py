@@ -1,0 +1,57 @@
+"""load_mnist: the offline fallback is real MNIST, split deterministically and stratified."""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from utils import data
+from utils.data import load_mnist, online, resolve_source, subset_split
+
+
+def test_subset_is_4000_train_1000_test_stratified_padded_and_fast(capsys, monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    t0 = time.perf_counter()
+    train, test = load_mnist(source="subset", batch_size=100)
+    assert time.perf_counter() - t0 < 5.0
+    assert "subset" in capsys.readouterr().out
+    xtr, ytr = train.dataset.tensors
+    xte, yte = test.dataset.tensors
+    assert xtr.shape == (4000, 1, 32, 32) and xte.shape == (1000, 1, 32, 32)
+    assert torch.bincount(ytr).tolist() == [400] * 10 and torch.bincount(yte).tolist() == [100] * 10
+    assert (xtr[:, :, :2] == xtr.min()).all()  # the 2-pixel padding is background
+    assert abs(float(xtr.mean())) < 0.2 and 0.8 < float(xtr.std()) < 1.2
+    x, y = next(iter(train))
+    assert x.shape == (100, 1, 32, 32)
+
+
+def test_split_is_deterministic_and_disjoint():
+    labels = np.repeat(np.arange(10), 50)
+    a, b = subset_split(labels, test_per_class=10), subset_split(labels, test_per_class=10)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not set(a[0]) & set(a[1]) and len(a[0]) + len(a[1]) == 500
+
+
+def test_same_seed_same_order():
+    first = [next(iter(load_mnist("subset", seed=1, verbose=False)[0]))[1] for _ in range(2)]
+    assert torch.equal(first[0], first[1])
+
+
+def test_auto_falls_back_offline_and_the_environment_variable_wins(monkeypatch, tmp_path):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "online", lambda *a, **k: False)
+    assert resolve_source("auto", tmp_path) == "subset"
+    monkeypatch.setenv(data.ENV_VAR, "subset")
+    assert resolve_source("mnist", tmp_path) == "subset"
+    monkeypatch.setenv(data.ENV_VAR, "cifar")
+    with pytest.raises(ValueError, match="source must be"):
+        resolve_source("auto", tmp_path)
+    monkeypatch.delenv(data.ENV_VAR)
+    with pytest.raises(ValueError, match="batch_size"):
+        load_mnist("subset", batch_size=0)
+
+
+def test_online_answers_fast_when_nothing_listens():
+    t0 = time.perf_counter()
+    assert online(("127.0.0.1", 9), timeout=1.0) is False
+    assert time.perf_counter() - t0 < 2.0

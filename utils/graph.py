@@ -1,0 +1,98 @@
+"""Reading a model's data flow with ``torch.fx``: which module feeds which.
+
+Pruning needs this twice: to find the BatchNorm that follows a pruned layer (its units
+must be silenced too), and to cut the next layer's inputs when a unit is removed.
+"""
+from __future__ import annotations
+
+from torch import fx, nn
+
+# Operations that map a zero channel to a zero channel and keep channels apart.
+ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Hardswish,
+                           nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+                           nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+ZERO_PRESERVING_NAMES = {"relu", "relu_", "relu6", "leaky_relu", "tanh", "gelu", "silu", "hardswish",
+                         "dropout", "max_pool2d", "_max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+                         "adaptive_max_pool2d", "_adaptive_max_pool2d", "contiguous"}
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with an error that says what to do when it fails."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
+        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx ({e}); "
+                         "its forward has data-dependent control flow") from e
+
+
+def op_name(node: fx.Node) -> str:
+    """A short name for what a node does: the function or method name."""
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+def following_batchnorms(model: nn.Module) -> dict[str, str]:
+    """Map each Conv2d/Linear to the BatchNorm that alone consumes its output.
+
+    Uses the fx graph; if the model cannot be traced, falls back to module order
+    (a BatchNorm right after the layer, with a matching number of features).
+    """
+    modules = dict(model.named_modules())
+    found = {}
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:
+        names = list(modules)
+        for a, b in zip(names, names[1:]):
+            if isinstance(modules[a], (nn.Conv2d, nn.Linear)) and isinstance(modules[b], nn.modules.batchnorm._BatchNorm):
+                out = getattr(modules[a], "out_channels", getattr(modules[a], "out_features", None))
+                if modules[b].num_features == out:
+                    found[a] = b
+        return found
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), (nn.Conv2d, nn.Linear)):
+            users = list(node.users)
+            if len(users) == 1 and users[0].op == "call_module" and \
+                    isinstance(modules.get(users[0].target), nn.modules.batchnorm._BatchNorm):
+                found[node.target] = users[0].target
+    return found
+
+
+def is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True for a flatten that keeps the batch dimension: (N, C, H, W) -> (N, C*H*W).
+
+    Raises for a ``view``/``reshape`` with a hard-coded size, which would break once
+    channels are removed.
+    """
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    name = op_name(node)
+    if name == "flatten":
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    if name in ("view", "reshape") and node.op == "call_method":
+        sizes = node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = tuple(sizes[0])
+        if len(sizes) == 2 and sizes[1] == -1 and not isinstance(sizes[0], int):
+            return True  # x.view(x.size(0), -1)
+        raise ValueError(f"the model flattens with {name}{tuple(sizes)}: a hard-coded size breaks when "
+                         "channels are removed; write torch.flatten(x, 1) instead")
+    return False
+
+
+def is_zero_preserving(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True for element-wise or pooling steps that keep a zero channel zero."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], ZERO_PRESERVING_MODULES)
+    return node.op in ("call_function", "call_method") and op_name(node) in ZERO_PRESERVING_NAMES
+
+
+def first_arg_is(node: fx.Node, source: fx.Node) -> bool:
+    """True when ``source`` flows into ``node`` only as its first (data) argument."""
+    others = list(node.args[1:]) + list(node.kwargs.values())
+    return bool(node.args) and node.args[0] is source and all(o is not source for o in others)
+

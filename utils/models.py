@@ -1,0 +1,81 @@
+"""The book's models: the seed's LeNet-5 (fixed), LeNet-300-100, and a VGG-style CNN."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LeNet5(nn.Module):
+    """The seed's network (section 4), fixed: ``F`` imported, 32x32 inputs, ``torch.flatten``.
+
+    MNIST digits are 28x28; :func:`utils.data.load_mnist` pads them to 32x32, the size
+    LeNet-5 was designed for, so that two 5x5 convolutions and two poolings leave 16x5x5.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)  # not view(-1, 400): that breaks once filters are removed
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class LeNet300100(nn.Module):
+    """The fully connected LeNet-300-100 (LeCun et al. 1998) on flattened images."""
+
+    def __init__(self, in_features: int = 32 * 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+VGG_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """A small VGG-style CNN for 32x32 inputs (CIFAR size): 3x3 Conv-BN-ReLU blocks, max-pooling.
+
+    ``cfg`` lists output channels, ``"M"`` a 2x2 max-pool; ``width`` scales every layer.
+    Used for timing, where random weights are as good as trained ones.
+    """
+
+    def __init__(self, cfg: Sequence[int | str] = VGG_CFG, in_channels: int = 3, num_classes: int = 10,
+                 width: float = 1.0, image_size: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, size = in_channels, image_size
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            else:
+                out = max(1, int(round(int(v) * width)))
+                layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                c = out
+        self.features = nn.Sequential(*layers)
+        hidden = max(1, int(round(512 * width)))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * size * size, hidden), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

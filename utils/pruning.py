@@ -1,0 +1,314 @@
+"""Magnitude pruning, equations 3.1 (unstructured) and 3.2 (structured) of the seed, fixed.
+
+Masks are kept with the reparametrization of :mod:`torch.nn.utils.prune`
+(``weight = weight_orig * weight_mask``, recomputed by a forward pre-hook), so an
+optimizer can never revive a pruned weight. Every public function validates its
+arguments and computes all masks *before* it touches the model: a bad call raises
+and leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune as torch_prune
+
+from utils.graph import following_batchnorms
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+SCOPES = ("global", "local")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"ratio must be a number in [0, 1], got {type(ratio).__name__} {ratio!r}")
+    r = float(ratio)
+    if math.isnan(r) or not 0.0 <= r <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1] (the share of weights set to zero), got {ratio!r}")
+    return r
+
+
+def _check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
+    return scope
+
+
+def select_layers(model: nn.Module, layers: Iterable[str] | str | None = None) -> dict[str, nn.Module]:
+    """The Conv2d/Linear modules to prune, by name: all of them, or the named ones (checked)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    prunable = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]
+    if not prunable:
+        raise ValueError("the model has no Conv2d or Linear layer to prune")
+    if layers is None:
+        return {n: modules[n] for n in prunable}
+    names = [layers] if isinstance(layers, str) else list(layers)
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"layers must be module names (str), got {type(n).__name__} {n!r}")
+        if n not in modules:
+            raise ValueError(f"unknown layer {n!r}; prunable layers are {prunable}")
+        if not isinstance(modules[n], PRUNABLE):
+            raise ValueError(f"layer {n!r} is a {type(modules[n]).__name__}; only Conv2d and Linear are pruned")
+    if not names:
+        raise ValueError("layers is empty: name at least one Conv2d or Linear layer")
+    return {n: modules[n] for n in dict.fromkeys(names)}
+
+
+def weight_and_mask(module: nn.Module, name: str = "weight") -> tuple[Tensor, Tensor | None]:
+    """The current (unmasked) tensor and its mask, or ``None`` if it was never pruned."""
+    if hasattr(module, name + "_orig"):
+        return getattr(module, name + "_orig").detach(), getattr(module, name + "_mask")
+    return getattr(module, name).detach(), None
+
+
+def effective_weight(module: nn.Module, name: str = "weight") -> Tensor:
+    """What the layer computes with: ``orig * mask``; never a stale ``module.weight``."""
+    w, mask = weight_and_mask(module, name)
+    return w if mask is None else w * mask
+
+
+def smallest_k(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of exactly the ``k`` smallest entries of ``scores``.
+
+    Ties at the threshold go to the earliest entries in flat order, so the count is
+    exact and the choice is deterministic.
+    """
+    flat = scores.reshape(-1)
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        # numpy's introselect is several times faster than torch.kthvalue on large CPU tensors
+        theta = torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])
+        torch.lt(flat, theta, out=chosen)
+        need = k - int(torch.count_nonzero(chosen))
+        if need > 0:
+            chosen[(flat == theta).nonzero().squeeze(1)[:need]] = True
+    return chosen.view_as(scores)
+
+
+def _apply_mask(module: nn.Module, name: str, keep: Tensor) -> None:
+    """Install ``keep`` (already including any earlier mask) as the mask of ``module.<name>``.
+
+    The same reparametrization as ``torch.nn.utils.prune.custom_from_mask`` (``<name>_orig``
+    parameter, ``<name>_mask`` buffer, torch's own forward pre-hook, so ``prune.remove``
+    works), built without its extra full-size temporaries.
+    """
+    if hasattr(module, name + "_mask"):
+        getattr(module, name + "_mask").copy_(keep)
+    else:
+        orig = module._parameters.pop(name)
+        module.register_parameter(name + "_orig", orig)
+        module.register_buffer(name + "_mask", keep.to(orig.dtype))
+        hook = torch_prune.CustomFromMask(None)
+        hook._tensor_name = name
+        module.register_forward_pre_hook(hook)
+    with torch.no_grad():  # a leaf tensor, so that copy.deepcopy works right away
+        setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+
+
+# ----------------------------------------------------------------------------- equation 3.1
+def prune_unstructured(model: nn.Module, ratio: float, scope: str = "global",
+                       layers: Iterable[str] | str | None = None) -> dict[str, Tensor]:
+    """Zero the smallest-magnitude weights so that exactly ``round(ratio * n)`` are zero.
+
+    ``n`` counts the selected weights of all layers together (``scope="global"``) or of
+    each layer (``"local"``). Weights pruned earlier stay pruned and count towards the
+    share, so calling this with rising ratios is iterative pruning. Returns the kept-weight
+    masks (bool, 1 = kept) by layer name.
+    """
+    r, scope = _check_ratio(ratio), _check_scope(scope)
+    selected = select_layers(model, layers)
+    with torch.no_grad():
+        sizes = [m.weight_orig.numel() if hasattr(m, "weight_orig") else m.weight.numel()
+                 for m in selected.values()]
+        flat = torch.empty(sum(sizes))  # one buffer holds every score: no per-layer copies
+        scores, already, offset = [], [], 0
+        for (lname, m), size in zip(selected.items(), sizes):
+            w, mask = weight_and_mask(m)
+            s = flat[offset:offset + size].view_as(w)
+            offset += size
+            torch.abs(w, out=s)
+            if not torch.isfinite(s.max()):  # NaN and inf both propagate to the max
+                raise ValueError(f"layer {lname!r} has NaN or infinite weights")
+            if mask is not None:
+                s.masked_fill_(mask == 0, -1.0)  # pruned earlier: always among the smallest
+            scores.append(s)
+            already.append(0 if mask is None else int((mask == 0).sum()))
+        if scope == "global":
+            k = round(r * sum(sizes))
+            if sum(already) > k:
+                raise ValueError(f"{sum(already)} weights are already pruned, more than round(ratio * n) = {k}; "
+                                 "pruned weights stay pruned, so the ratio must not fall")
+            gone = smallest_k(flat, k)  # one selection over all layers; scores are views of flat
+            pruned = [gone[o - n:o].view_as(s) for s, n, o in zip(scores, sizes, np.cumsum(sizes))]
+        else:
+            pruned = []
+            for (lname, _), s, size, a in zip(selected.items(), scores, sizes, already):
+                k = round(r * size)
+                if a > k:
+                    raise ValueError(f"layer {lname!r} already has {a} pruned weights, more than "
+                                     f"round(ratio * n) = {k}; pruned weights stay pruned")
+                pruned.append(smallest_k(s, k))
+        masks = {n: ~p for n, p in zip(selected, pruned)}
+        for n, m in selected.items():
+            _apply_mask(m, "weight", masks[n])
+    return masks
+
+
+# ----------------------------------------------------------------------------- equation 3.2
+def unit_norms(module: nn.Module, p: float = 2.0) -> Tensor:
+    """The L_p norm of each output unit's weights: row ``W_i:`` of a Linear, filter ``i`` of a Conv2d."""
+    w = effective_weight(module)
+    return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), ord=p, dim=1)
+
+
+def _check_p(p: float) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a positive number, got {type(p).__name__} {p!r}")
+    if math.isnan(p) or p <= 0:
+        raise ValueError(f"p must be > 0 (the order of the norm), got {p!r}")
+    return float(p)
+
+
+def prune_structured(model: nn.Module, ratio: float, scope: str = "local", p: float = 2.0,
+                     layers: Iterable[str] | str | None = None) -> dict[str, Tensor]:
+    """Remove whole output units (Linear rows, Conv2d filters) with the smallest L_p norm.
+
+    Prunes exactly ``round(ratio * units)`` units per layer (``"local"``) or over all selected
+    layers (``"global"``), but never a layer's last unit. For ``"global"`` each norm is divided
+    by the mean norm of the layer's remaining units: raw norms are not comparable across
+    layers (initialization scales weights by fan-in, and a BatchNorm after a layer makes its
+    weight scale meaningless), so a unit is judged against its own layer's average.
+    By default every Conv2d/Linear except the last (the classifier, whose units are the
+    classes) is pruned. A pruned unit is silenced completely: its weights, its bias, and the
+    BatchNorm that follows it are masked. Returns weight masks (bool, 1 = kept) by layer.
+    """
+    r, scope, p = _check_ratio(ratio), _check_scope(scope), _check_p(p)
+    if layers is None:
+        names = list(select_layers(model))
+        if len(names) < 2:
+            raise ValueError("the model has only one prunable layer, its classifier; name layers= explicitly")
+        layers = names[:-1]
+    selected = select_layers(model, layers)
+    with torch.no_grad():
+        scores, already = [], []
+        for lname, m in selected.items():
+            w, mask = weight_and_mask(m)
+            if not torch.isfinite(w).all():
+                raise ValueError(f"layer {lname!r} has NaN or infinite weights")
+            s = unit_norms(m, p)
+            gone = torch.zeros_like(s, dtype=torch.bool) if mask is None else \
+                (mask.reshape(mask.shape[0], -1) == 0).all(dim=1)
+            if scope == "global" and s[~gone].sum() > 0:
+                s = s / s[~gone].mean()  # relative to the layer's average unit
+            s[gone] = -1.0
+            already.append(int(gone.sum()))
+            scores.append(s)
+        if scope == "global":
+            total = sum(s.numel() for s in scores)
+            k = min(round(r * total), total - len(scores))
+            if sum(already) > k:
+                raise ValueError(f"{sum(already)} units are already pruned, more than the {k} asked for")
+            for s in scores:  # the strongest unit of each layer is never a candidate
+                s[s.argmax()] = math.inf
+            gone = smallest_k(torch.cat(scores), k)
+            pruned = list(gone.split([s.numel() for s in scores]))
+        else:
+            pruned = []
+            for lname, s, a in zip(selected, scores, already):
+                k = min(round(r * s.numel()), s.numel() - 1)
+                if a > k:
+                    raise ValueError(f"layer {lname!r} already has {a} pruned units, more than the {k} asked for")
+                pruned.append(smallest_k(s, k))
+        bns = following_batchnorms(model)
+        modules = dict(model.named_modules())
+        masks = {}
+        for (lname, m), gone in zip(selected.items(), pruned):
+            keep_units = ~gone
+            w, mask = weight_and_mask(m)
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            keep = keep_units.view(shape).expand_as(w).clone()
+            if mask is not None:
+                keep &= mask.bool()
+            masks[lname] = keep
+            _apply_mask(m, "weight", keep)
+            targets = [(m, "bias")] if m.bias is not None or hasattr(m, "bias_orig") else []
+            bn = modules[bns[lname]] if lname in bns else None
+            if bn is not None and bn.affine:
+                targets += [(bn, "weight"), (bn, "bias")]
+            for mod, pname in targets:
+                _, old = weight_and_mask(mod, pname)
+                _apply_mask(mod, pname, keep_units if old is None else keep_units & old.bool())
+    return masks
+
+
+# ----------------------------------------------------------------------------- inspection
+def sparsity(model: nn.Module) -> float:
+    """Fraction of the Conv2d/Linear weights that are zero, in [0, 1]."""
+    layers = select_layers(model)
+    with torch.no_grad():
+        zeros = sum(int((effective_weight(m) == 0).sum()) for m in layers.values())
+        total = sum(effective_weight(m).numel() for m in layers.values())
+    return zeros / total
+
+
+def sparsity_report(model: nn.Module) -> pd.DataFrame:
+    """One row per Conv2d/Linear layer (and a total): shape, weights kept, sparsity, units alive."""
+    rows = []
+    with torch.no_grad():
+        for name, m in select_layers(model).items():
+            w = effective_weight(m)
+            kept = int((w != 0).sum())
+            alive = int((w.reshape(w.shape[0], -1) != 0).any(dim=1).sum())
+            rows.append({"layer": name, "type": type(m).__name__, "shape": tuple(w.shape),
+                         "weights": w.numel(), "kept": kept, "sparsity": 1 - kept / w.numel(),
+                         "units alive": f"{alive}/{w.shape[0]}"})
+    n, kept = sum(r["weights"] for r in rows), sum(r["kept"] for r in rows)
+    rows.append({"layer": "total", "type": "", "shape": "", "weights": n, "kept": kept,
+                 "sparsity": 1 - kept / n, "units alive": ""})
+    return pd.DataFrame(rows).set_index("layer").round({"sparsity": 4})
+
+
+# ----------------------------------------------------------------------------- housekeeping
+def _pruning_hooks(model: nn.Module):
+    for m in model.modules():
+        for hook in list(m._forward_pre_hooks.values()):
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                yield m, hook
+
+
+def is_pruned(model: nn.Module) -> bool:
+    """True while any tensor of the model is reparametrized by a pruning mask."""
+    return any(True for _ in _pruning_hooks(model))
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold every mask into its tensor (``torch.nn.utils.prune.remove``); returns the model.
+
+    Afterwards the state_dict has plain ``weight``/``bias`` entries only, the zeros are
+    ordinary values, and nothing keeps them zero during further training.
+    """
+    for m, hook in list(_pruning_hooks(model)):
+        torch_prune.remove(m, hook._tensor_name)
+    return model
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy that works on pruned models too.
+
+    ``copy.deepcopy`` fails on a pruned module whose masked tensor was last computed with
+    autograd on (it is not a leaf); recomputing it under ``no_grad`` first avoids that.
+    """
+    with torch.no_grad():
+        for m, hook in _pruning_hooks(model):
+            setattr(m, hook._tensor_name, hook.apply_mask(m))
+    return copy.deepcopy(model)
