@@ -84,14 +84,15 @@ def smallest_k(scores: Tensor, k: int) -> Tensor:
     exact and the choice is deterministic.
     """
     flat = scores.reshape(-1)
-    chosen = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        # numpy's introselect is several times faster than torch.kthvalue on large CPU tensors
-        theta = torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])
-        torch.lt(flat, theta, out=chosen)
-        need = k - int(torch.count_nonzero(chosen))
-        if need > 0:
-            chosen[(flat == theta).nonzero().squeeze(1)[:need]] = True
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    # numpy's introselect is several times faster than torch.kthvalue on large CPU tensors
+    theta = torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])
+    chosen = flat <= theta
+    excess = int(torch.count_nonzero(chosen)) - k
+    if excess > 0:  # ties at theta: keep the earliest, release the rest
+        ties = (flat == theta).nonzero().squeeze(1)
+        chosen[ties[len(ties) - excess:]] = False
     return chosen.view_as(scores)
 
 
