@@ -78,3 +78,158 @@ def check_sparsity(fn: Callable[[Tensor], float]) -> bool:
     cases = [(name, (w.clone(),), float((w == 0).sum()) / w.numel()) for name, w in _tensors().items()]
     cases.append(("all zeros", (torch.zeros(5, 5),), 1.0))
     return run_check("sparsity of a tensor", fn, cases)
+
+
+# ----------------------------------------------------------------------------- chapter 1
+def check_count_weights(fn: Callable[[torch.nn.Module], int]) -> bool:
+    """``fn(model) -> number of weights in its Conv2d and Linear layers`` (biases excluded)."""
+    from utils.models import LeNet5, LeNet300100, VGG
+    cases = []
+    for name, model in {"LeNet5": LeNet5(), "LeNet300100": LeNet300100(), "VGG(width=0.25)": VGG(width=0.25)}.items():
+        want = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+        cases.append((name, (model,), want))
+    return run_check("weights of Conv2d and Linear layers", fn, cases)
+
+
+def check_model_megabytes(fn: Callable[[int, int], float]) -> bool:
+    """``fn(n_params, bits) -> size in megabytes (10**6 bytes)`` of the raw values."""
+    cases = [(f"{n:,} params at {b} bits", (n, b), n * b / 8 / 1e6)
+             for n, b in [(61_706, 32), (25_557_032, 32), (25_557_032, 8), (1_000_000, 4)]]
+    return run_check("model size in MB", fn, cases)
+
+
+def check_conv_macs(fn: Callable[[int, int, int, int, int], int]) -> bool:
+    """``fn(c_in, c_out, k, h_out, w_out) -> multiply-accumulates`` of a k x k Conv2d (groups=1)."""
+    from utils.measure import count_flops
+    cases = []
+    for c_in, c_out, k, h, w in [(1, 6, 5, 28, 28), (6, 16, 5, 10, 10), (64, 128, 3, 16, 16), (3, 8, 1, 7, 9)]:
+        conv = torch.nn.Conv2d(c_in, c_out, k, bias=False)
+        want = count_flops(conv, torch.zeros(1, c_in, h + k - 1, w + k - 1)) // 2
+        cases.append((f"conv {c_in}->{c_out}, {k}x{k}, out {h}x{w}", (c_in, c_out, k, h, w), want))
+    return run_check("MACs of a convolution", fn, cases)
+
+
+# ----------------------------------------------------------------------------- chapter 2
+def check_compression_ratio(fn: Callable[[float], float]) -> bool:
+    """``fn(sparsity) -> compression ratio`` = weights before / weights kept."""
+    cases = [(f"sparsity {s}", (s,), 1 / (1 - s)) for s in (0.0, 0.5, 0.9, 0.92, 0.99)]
+    return run_check("compression ratio", fn, cases, atol=1e-9)
+
+
+def check_local_counts(fn: Callable[[Sequence[int], float], list[int]]) -> bool:
+    """``fn(layer_sizes, ratio) -> weights pruned in each layer`` under local pruning."""
+    cases = [(f"sizes {s}, ratio {r}", (list(s), r), [round(r * n) for n in s])
+             for s, r in [((150, 2400, 48000), 0.5), ((10, 10), 0.25), ((7, 3, 1), 0.9), ((100,), 0.0)]]
+    return run_check("weights pruned per layer (local)", fn, cases)
+
+
+def check_theoretical_speedup(fn: Callable[[Sequence[int], Sequence[float]], float]) -> bool:
+    """``fn(macs_per_layer, density_per_layer) -> dense MACs / MACs left`` when zeros are skipped."""
+    cases = [(f"macs {m}, density {d}", (list(m), list(d)), sum(m) / sum(a * b for a, b in zip(m, d)))
+             for m, d in [((100, 100), (0.5, 0.5)), ((117600, 240000, 48000), (1.0, 0.2, 0.05)),
+                          ((10,), (0.1,))]]
+    return run_check("theoretical speedup", fn, cases, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- chapter 3
+def check_structured_mask(fn: Callable[[Tensor, float, float], Tensor]) -> bool:
+    """``fn(weight, ratio, p) -> bool per output unit`` (True = kept): the round(ratio * units)
+    units with the smallest L_p norm are removed, ties to the earliest unit."""
+    cases = []
+    for name, w in _tensors().items():
+        for r, p in [(0.34, 2.0), (0.5, 1.0), (0.0, 2.0)]:
+            norms = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), ord=p, dim=1)
+            cases.append((f"{name}, ratio {r}, p={p}", (w.clone(), r, p), ~smallest_k(norms, round(r * w.shape[0]))))
+    return run_check("structured (unit) mask", fn, cases)
+
+
+# ----------------------------------------------------------------------------- chapter 4.1
+def check_global_threshold(fn: Callable[[list[Tensor], float], float]) -> bool:
+    """``fn(weights, ratio) -> theta``: the k-th smallest |w| over all tensors, k = round(ratio * n)
+    (k >= 1), so that pruning ``|w| <= theta`` removes k weights when there are no ties."""
+    g = torch.Generator().manual_seed(1)
+    cases = []
+    for sizes, r in [((5, 7), 0.5), ((100, 3, 40), 0.9), ((1000,), 0.123)]:
+        ws = [torch.randn(n, generator=g) for n in sizes]
+        flat = torch.cat(ws).abs()
+        k = max(1, round(r * flat.numel()))
+        cases.append((f"sizes {sizes}, ratio {r}", ([w.clone() for w in ws], r), float(flat.kthvalue(k).values)))
+    return run_check("global threshold", fn, cases)
+
+
+def check_geometric_schedule(fn: Callable[[float, int], list[float]]) -> bool:
+    """``fn(final_sparsity, rounds) -> sparsity after each round`` when every round removes the same
+    share of the weights still left: s_i = 1 - (1 - S) ** (i / rounds)."""
+    cases = [(f"S={s}, {n} rounds", (s, n), [1 - (1 - s) ** (i / n) for i in range(1, n + 1)])
+             for s, n in [(0.9, 3), (0.92, 5), (0.5, 1)]]
+
+    def as_list(*args: Any) -> Any:
+        out = fn(*args)
+        return torch.tensor([float(v) for v in out], dtype=torch.float64) if out is not None else None
+
+    cases = [(label, args, torch.tensor(want, dtype=torch.float64)) for label, args, want in cases]
+    return run_check("iterative pruning schedule", as_list, cases, atol=1e-9)
+
+
+def check_regrown(fn: Callable[[Tensor, Tensor], int]) -> bool:
+    """``fn(weight, mask) -> how many pruned positions (mask == 0) hold a non-zero weight``."""
+    g = torch.Generator().manual_seed(2)
+    cases = []
+    for shape in [(4, 5), (3, 2, 3, 3)]:
+        w = torch.randn(shape, generator=g)
+        w[torch.rand(shape, generator=g) < 0.3] = 0
+        mask = (torch.rand(shape, generator=g) < 0.5).float()
+        cases.append((f"shape {shape}", (w.clone(), mask.clone()), int(((mask == 0) & (w != 0)).sum())))
+    return run_check("regrown weights", fn, cases)
+
+
+# ----------------------------------------------------------------------------- chapter 4.2
+def check_dead_units(fn: Callable[[Tensor], int]) -> bool:
+    """``fn(weight) -> number of output units (rows / filters) whose weights are all zero``."""
+    cases = []
+    for name, w in _tensors().items():
+        w = w.clone()
+        w[0] = 0
+        cases.append((name, (w,), int((w.reshape(w.shape[0], -1) == 0).all(dim=1).sum())))
+    cases.append(("zero columns only", (torch.tensor([[0.0, 1.0], [0.0, 2.0]]),), 0))
+    return run_check("whole units removed", fn, cases)
+
+
+def check_flatten_columns(fn: Callable[[Tensor, int], Tensor]) -> bool:
+    """``fn(kept_channels, hw) -> the input columns of the Linear after flatten that stay``
+    (channel c owns columns c*hw ... c*hw + hw - 1), in increasing order."""
+    cases = []
+    for keep, hw in [([0, 2], 3), ([1], 25), ([0, 3, 4], 1)]:
+        k = torch.tensor(keep)
+        want = (k[:, None] * hw + torch.arange(hw)).reshape(-1)
+        cases.append((f"channels {keep}, h*w={hw}", (k.clone(), hw), want))
+
+    def as_long(*args: Any) -> Any:
+        out = fn(*args)
+        return torch.as_tensor(out).long() if out is not None else None
+
+    return run_check("columns of the next layer", as_long, cases)
+
+
+def check_shrink_linear_pair(fn: Callable[[torch.nn.Linear, torch.nn.Linear, Tensor], tuple]) -> bool:
+    """``fn(fc1, fc2, keep) -> (small_fc1, small_fc2)``: fc1 keeps only the units ``keep``, fc2 only
+    the matching inputs; ``fc2(relu(fc1(x)))`` is unchanged when the other units were dead."""
+    torch.manual_seed(3)
+    cases = []
+    for n_in, n_hidden, n_out, keep in [(6, 5, 3, [0, 3]), (10, 8, 4, [1, 2, 7])]:
+        fc1, fc2 = torch.nn.Linear(n_in, n_hidden), torch.nn.Linear(n_hidden, n_out)
+        dead = [i for i in range(n_hidden) if i not in keep]
+        with torch.no_grad():
+            fc1.weight[dead] = 0
+            fc1.bias[dead] = 0
+        x = torch.randn(5, n_in)
+        want = fc2(torch.relu(fc1(x))).detach()
+
+        def run(fc1=fc1, fc2=fc2, keep=keep, x=x):
+            small1, small2 = fn(fc1, fc2, torch.tensor(keep))
+            if small1.out_features != len(keep):
+                return f"small_fc1 has {small1.out_features} units, expected {len(keep)}"
+            return small2(torch.relu(small1(x))).detach()
+
+        cases.append((f"{n_hidden} units, keep {keep}", (run,), want))
+    return run_check("shrink a Linear pair", lambda run: run(), cases, atol=1e-5)

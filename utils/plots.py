@@ -1,0 +1,84 @@
+"""The book's figures: small functions so that chapter cells stay short."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+plt.rcParams.update({"figure.dpi": 90, "savefig.dpi": 90, "axes.spines.top": False, "axes.spines.right": False})
+
+
+def mask_heatmaps(panels: Mapping[str, torch.Tensor], cmap: str = "Greys", cols: int | None = None) -> Figure:
+    """Side-by-side heat maps of 2-D tensors (masks or magnitudes); black = kept / large."""
+    cols = cols or len(panels)
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, (title, t) in zip(axes.flat, panels.items()):
+        ax.imshow(t.detach().float().cpu().numpy(), cmap=cmap, aspect="auto", interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("input")
+        ax.set_ylabel("output unit")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str,
+                 title: str = "", ylim: tuple[float, float] | None = None) -> Figure:
+    """Bars of several series side by side for each group (for example, sparsity per layer)."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    width = 0.8 / len(series)
+    x = np.arange(len(groups))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def curves(x: Sequence[float] | Mapping[str, Sequence[float]], series: Mapping[str, Sequence[float]],
+           xlabel: str, ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
+           marker: str = "o") -> Figure:
+    """Line plot of several named series; ``x`` is shared or given per series."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, ys in series.items():
+        xs = x[name] if isinstance(x, Mapping) else x
+        ax.plot(xs, ys, marker=marker, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def histogram(values: torch.Tensor, threshold: float | None = None, bins: int = 100,
+              title: str = "", xlabel: str = "|w|") -> Figure:
+    """Histogram of magnitudes, with the pruning threshold drawn as a line."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    ax.hist(values.detach().flatten().cpu().numpy(), bins=bins, color="0.5")
+    if threshold is not None:
+        ax.axvline(threshold, color="C3", label=f"threshold = {threshold:.4f}")
+        ax.legend(frameon=False)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
