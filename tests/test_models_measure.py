@@ -34,3 +34,19 @@ def test_latency_returns_a_positive_median_per_model():
     assert set(lat) == {"a", "b"} and all(v > 0 for v in lat.values())
 
 
+
+
+def test_layer_macs_add_up_to_the_flop_counter():
+    from utils.measure import layer_macs
+    for model, x in [(LeNet5(), torch.randn(1, 1, 32, 32)), (VGG(width=0.25), torch.randn(2, 3, 32, 32))]:
+        macs = layer_macs(model, x)
+        assert 2 * sum(macs.values()) == count_flops(model, x)
+    assert layer_macs(LeNet5(), torch.randn(1, 1, 32, 32))["conv1"] == 6 * 28 * 28 * 25
+
+
+def test_csr_bytes_counts_values_indices_and_row_pointers(recwarn):
+    from utils.measure import csr_bytes
+    w = torch.zeros(3, 4)
+    w[0, 1], w[2, 3] = 1.0, 2.0
+    assert csr_bytes(w) == 2 * 4 + 2 * 8 + 4 * 8
+    assert not [x for x in recwarn if "beta" in str(x.message)]

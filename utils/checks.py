@@ -37,6 +37,8 @@ def run_check(title: str, fn: Callable[..., Any], cases: Sequence[tuple[str, tup
             got = fn(*args)
             passed = _same(got, want, atol)
             detail = "" if passed else f" (expected {want!r}, got {got!r})"
+            if got is None:
+                detail = " (got None: does your function return its result?)"
         except Exception as e:  # the reader's code may raise anything; report it, do not crash
             passed, detail = False, f" (raised {type(e).__name__}: {e})"
         ok &= passed

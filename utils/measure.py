@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -11,6 +13,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.pruning import effective_weight
+
+
+def use_threads(n: int | None = None) -> int:
+    """Set torch's CPU threads (default: all cores) and return the number, to print with timings."""
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
@@ -37,6 +46,37 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
         model(example)
     model.train(was_training)
     return counter.get_total_flops()
+
+
+def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Dense multiply-accumulates of each Conv2d/Linear layer for one forward pass on ``example``."""
+    macs: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+            per_output = m.weight[0].numel() if isinstance(m, nn.Conv2d) else m.weight.shape[1]
+            macs[name] = macs.get(name, 0) + out.numel() * per_output  # one MAC per weight per output
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return macs
+
+
+def csr_bytes(weight: torch.Tensor) -> int:
+    """Bytes of ``weight`` (2-D) in PyTorch's CSR format: values, column indices, row pointers.
+
+    PyTorch warns that sparse CSR support is in beta; that warning is silenced here on purpose.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = weight.detach().to_sparse_csr()
+    return sum(t.numel() * t.element_size() for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
 
 
 def state_dict_bytes(model: nn.Module) -> int:
