@@ -16,7 +16,21 @@ def test_quick_mode_writes_json(tmp_path, capsys):
     assert set(pruners) == {"utils.pruning", "seed listing", "torch.nn.utils.prune"}
     assert all(row["time_s"] > 0 for row in pruners.values())
     assert results["prune_speed"]["weights"] == saved["prune_speed"]["weights"]
-    assert "utils.pruning" in capsys.readouterr().out
+    assert {r["batch"] for r in saved["structured"]} == {1, 2}
+    assert all(r["MACs ratio"] > 3 for r in saved["structured"])  # half the channels: about 4x fewer MACs
+    assert {(r["width"], r["sparsity"]) for r in saved["sparse_linear"]} == {(256, 0.5), (256, 0.99)}
+    assert set(saved["break_even"]) == {"cpu width 256 batch 1", "cpu width 256 batch 8"}
+    assert "skipped" in saved["semi_structured"] or saved["semi_structured"]["rows"]
+    out = capsys.readouterr().out
+    assert "utils.pruning" in out and "(c)" in out and "(d)" in out
+
+
+def test_break_even_is_the_lowest_sparsity_where_csr_wins():
+    from utils.benchmark import break_even
+    rows = [{"device": "cpu", "width": 8, "batch": 1, "sparsity": s, "csr / dense": r}
+            for s, r in [(0.5, 2.0), (0.9, 0.8), (0.95, 0.5)]]
+    rows.append({"device": "cpu", "width": 8, "batch": 64, "sparsity": 0.99, "csr / dense": 1.2})
+    assert break_even(rows) == {"cpu width 8 batch 1": 0.9, "cpu width 8 batch 64": None}
 
 
 def test_peak_memory_sees_a_large_allocation():

@@ -43,6 +43,10 @@ CASES = {  # check: (right answer, wrong answer)
     "check_dead_units": (lambda w: int((w.flatten(1) == 0).all(1).sum()), lambda w: int((w == 0).all(0).sum())),
     "check_flatten_columns": (lambda k, hw: (k[:, None] * hw + torch.arange(hw)).flatten(), lambda k, hw: k),
     "check_shrink_linear_pair": (shrink_pair, lambda a, b, k: (a, b)),
+    "check_csr_bytes": (lambda r, c, nnz: 4 * nnz + 8 * nnz + 8 * (r + 1), lambda r, c, nnz: 4 * nnz),
+    "check_break_even": (lambda t: min((s for s, r in t.items() if r < 1), default=None),
+                         lambda t: max((s for s, r in t.items() if r < 1), default=None)),
+    "check_modelled_energy": (lambda m, w, c: (m * 4.6 + w * (5 if c else 640)) / 1e6, lambda m, w, c: (m * 4.6 + w * 640) / 1e6),
 }
 
 

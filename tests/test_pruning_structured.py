@@ -152,3 +152,23 @@ def test_falling_ratio_and_classifier_only_models_raise():
     with pytest.raises(ValueError, match="only one prunable layer"):
         prune_structured(nn.Linear(4, 2), 0.5)
     assert set(prune_structured(nn.Linear(4, 2), 0.5, layers=[""])) == {""}
+
+
+@given(rows=st.integers(1, 6), groups=st.integers(1, 5), seed=st.integers(0, 1000), ints=st.booleans())
+def test_semi_structured_mask_keeps_the_two_largest_of_every_four(rows, groups, seed, ints):
+    from utils.pruning import semi_structured_mask
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-2, 3, (rows, 4 * groups), generator=g).float() if ints else torch.randn(rows, 4 * groups, generator=g)
+    mask = semi_structured_mask(w)
+    blocks, kept = w.abs().reshape(-1, 4), mask.reshape(-1, 4)
+    assert (kept.sum(dim=1) == 2).all()
+    assert (blocks.masked_fill(~kept, float("inf")).min(dim=1).values >= blocks.masked_fill(kept, -1).max(dim=1).values).all()
+
+
+def test_semi_structured_mask_rejects_bad_shapes():
+    from utils.pruning import semi_structured_mask
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        semi_structured_mask(torch.randn(3, 6))
+    with pytest.raises(ValueError, match="0 < n <= m"):
+        semi_structured_mask(torch.randn(3, 8), n=5, m=4)
+    assert semi_structured_mask(torch.tensor([[1.0, 1.0, 1.0, 1.0]])).tolist() == [[True, True, False, False]]

@@ -1,9 +1,16 @@
 """Benchmarks, runnable from the command line: ``python -m utils.benchmark [--quick] [--json PATH]``.
 
-(a) Global unstructured pruning of a ResNet-50-size model (random weights: values do not
-change the work): ``utils.pruning`` vs the seed's listing vs ``torch.nn.utils.prune``,
-time and peak extra memory, next to the floor of one read of all weights. Candidates run
-interleaved (A B C A B C ...) on fresh copies; medians are reported.
+(a) Global unstructured pruning of a ResNet-50-size model: ``utils.pruning`` vs the seed's
+    listing vs ``torch.nn.utils.prune``, time and peak extra memory, next to the floor of one
+    read of all weights.
+(b) Structured pruning that pays: a VGG-style CNN (CIFAR-size input) with half its channels
+    cut out: MACs ratio and CPU latency ratio at batch 1 and 32.
+(c) Unstructured pruning that pays only at high sparsity: dense vs masked vs CSR Linear layers,
+    50 to 99 % sparse, batch 1 and 64: where CSR breaks even.
+(d) The same on a GPU when there is one, plus 2:4 semi-structured sparsity where supported.
+
+Weights are random: values do not change the work. Candidates always run interleaved
+(A B C A B C ...) and medians are reported, so noise on a shared machine hits all alike.
 """
 from __future__ import annotations
 
@@ -21,8 +28,13 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+import torch.nn.functional as F
+
 from utils import seed_listings
-from utils.pruning import prune_unstructured
+from utils.measure import count_flops, csr_bytes, time_interleaved
+from utils.models import VGG
+from utils.pruning import clone_model, prune_structured, prune_unstructured, semi_structured_mask, smallest_k
+from utils.surgery import shrink
 
 
 def machine() -> dict:
@@ -120,26 +132,164 @@ def print_prune_speed(result: dict) -> None:
               f"{row['times_slower_than_utils']:6.1f}x utils")
 
 
+def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """Wrap ``fn`` so that a GPU has finished its work when the timer stops."""
+    if device.type != "cuda":
+        return fn
+
+    def run() -> object:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+    return run
+
+
+def _medians(candidates: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    with torch.no_grad():
+        times = time_interleaved({k: _synced(f, device) for k, f in candidates.items()}, repeats=repeats, warmup=2)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_structured(width: float = 1.0, batches: tuple[int, ...] = (1, 32), repeats: int = 20,
+                     device: str | torch.device = "cpu") -> list[dict]:
+    """(b): dense vs masked vs shrunk VGG, half of every hidden layer's channels removed."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    dense = VGG(width=width).eval()
+    masked = clone_model(dense)
+    prune_structured(masked, 0.5, scope="local")
+    small = shrink(masked).eval()
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, 32, 32)
+        macs = count_flops(dense, x) / count_flops(small, x)
+        models = {k: m.to(device) for k, m in {"dense": dense, "masked": masked, "shrunk": small}.items()}
+        xd = x.to(device)
+        t = _medians({k: (lambda m=m: m(xd)) for k, m in models.items()}, repeats, device)
+        rows.append({"device": device.type, "width": width, "batch": batch, "MACs ratio": macs,
+                     "dense ms": t["dense"] * 1e3, "masked ms": t["masked"] * 1e3, "shrunk ms": t["shrunk"] * 1e3,
+                     "latency ratio": t["dense"] / t["shrunk"],
+                     "share of the MACs ratio": t["dense"] / t["shrunk"] / macs})
+    for m in (dense, masked, small):
+        m.to("cpu")
+    return rows
+
+
+def bench_sparse_linear(widths: tuple[int, ...] = (1024, 4096), batches: tuple[int, ...] = (1, 64),
+                        sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
+                        repeats: int = 7, device: str | torch.device = "cpu") -> list[dict]:
+    """(c): y = x W^T with W dense, masked (W_orig * mask each call, as the prune hook does) or CSR."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in widths:
+        w = torch.randn(n, n, generator=g)
+        for s in sparsities:
+            mask = ~smallest_k(w.abs(), round(s * w.numel()))
+            wm = (w * mask).to(device)
+            wd, md = w.to(device), mask.to(device=device, dtype=w.dtype)
+            csr = _to_csr(wm)
+            for batch in batches:
+                x = torch.randn(batch, n, generator=g).to(device)
+                t = _medians({"dense": lambda: F.linear(x, wd), "masked": lambda: F.linear(x, wd * md),
+                              "csr": lambda: (csr @ x.t()).t()}, repeats, device)
+                rows.append({"device": device.type, "width": n, "batch": batch, "sparsity": s,
+                             "dense ms": t["dense"] * 1e3, "masked / dense": t["masked"] / t["dense"],
+                             "csr / dense": t["csr"] / t["dense"], "csr bytes / dense bytes": csr_bytes(wm.cpu()) / (4 * n * n)})
+    return rows
+
+
+def _to_csr(w: torch.Tensor) -> torch.Tensor:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return w.to_sparse_csr()
+
+
+def break_even(rows: list[dict]) -> dict[str, float | None]:
+    """Lowest sparsity at which CSR beat dense, per (device, width, batch); None if it never did."""
+    out: dict[str, float | None] = {}
+    for r in rows:
+        key = f"{r['device']} width {r['width']} batch {r['batch']}"
+        out.setdefault(key, None)
+        if r["csr / dense"] < 1 and (out[key] is None or r["sparsity"] < out[key]):
+            out[key] = r["sparsity"]
+    return out
+
+
+def bench_semi_structured(n: int = 4096, batches: tuple[int, ...] = (64, 1024), repeats: int = 20) -> dict:
+    """(d): dense fp16 vs 2:4 semi-structured fp16 Linear on a supporting GPU, else why not."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA GPU"}
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return {"skipped": f"2:4 sparse tensor cores need compute capability 8.0+, this GPU has {major}.x"}
+    from torch.sparse import to_sparse_semi_structured
+    device = torch.device("cuda")
+    w = torch.randn(n, n, device=device, dtype=torch.float16)
+    w24 = w * semi_structured_mask(w).to(w.dtype)
+    sparse = to_sparse_semi_structured(w24)
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, n, device=device, dtype=torch.float16)
+        t = _medians({"dense": lambda: F.linear(x, w24), "2:4": lambda: F.linear(x, sparse)}, repeats, device)
+        rows.append({"batch": batch, "dense ms": t["dense"] * 1e3, "2:4 ms": t["2:4"] * 1e3, "speedup": t["dense"] / t["2:4"],
+                     "max abs difference": float((F.linear(x, w24) - F.linear(x, sparse)).abs().max())})
+    return {"gpu": torch.cuda.get_device_name(0), "width": n, "rows": rows}
+
+
+def _print_rows(title: str, rows: list[dict]) -> None:
+    import pandas as pd
+    print(title)
+    print(pd.DataFrame(rows).round(3).to_string(index=False))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a small model and one repeat (for tests)")
+    parser.add_argument("--quick", action="store_true", help="small models, few repeats (for tests)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'bc' (default: abcd)")
+    parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats of (a)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.quick:
-        from utils.models import VGG
-        model, repeats = VGG(width=0.25), args.repeats or 1
-    else:
-        from torchvision.models import resnet50
-        model, repeats = resnet50(weights=None), args.repeats or 3
-    results = {"machine": machine(), "quick": args.quick}
+    results: dict = {"machine": machine(), "quick": args.quick}
     print("machine:", ", ".join(f"{k}={v}" for k, v in results["machine"].items()))
-    results["prune_speed"] = bench_prune_speed(model, repeats=repeats)
-    print_prune_speed(results["prune_speed"])
+    q = args.quick
+    if "a" in args.only:
+        if q:
+            model, repeats = VGG(width=0.25), args.repeats or 1
+        else:
+            from torchvision.models import resnet50
+            model, repeats = resnet50(weights=None), args.repeats or 3
+        results["prune_speed"] = bench_prune_speed(model, repeats=repeats)
+        print_prune_speed(results["prune_speed"])
+    if "b" in args.only:
+        results["structured"] = [r for width in ((0.25,) if q else (1.0, 2.0))
+                                 for r in bench_structured(width, (1, 2) if q else (1, 32), 2 if q else 20)]
+        _print_rows("(b) VGG, half the channels cut out (ratios: dense / shrunk)", results["structured"])
+    if "c" in args.only:
+        results["sparse_linear"] = bench_sparse_linear((256,) if q else (1024, 4096), (1, 8) if q else (1, 64),
+                                                       (0.5, 0.99) if q else (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
+                                                       2 if q else 7)
+        results["break_even"] = break_even(results["sparse_linear"])
+        _print_rows("(c) Linear layer, dense vs masked vs CSR", results["sparse_linear"])
+        print("    CSR breaks even at sparsity:", results["break_even"])
+    if "d" in args.only:
+        if torch.cuda.is_available():
+            results["gpu_structured"] = bench_structured(0.25 if q else 1.0, (1, 32), 3 if q else 50, device="cuda")
+            results["gpu_sparse_linear"] = bench_sparse_linear((1024,) if q else (1024, 4096), (1, 64),
+                                                               (0.5, 0.9, 0.99), 3 if q else 20, device="cuda")
+            results["gpu_break_even"] = break_even(results["gpu_sparse_linear"])
+            _print_rows("(d) GPU: VGG, half the channels cut out", results["gpu_structured"])
+            _print_rows("(d) GPU: Linear layer, dense vs masked vs CSR", results["gpu_sparse_linear"])
+        results["semi_structured"] = bench_semi_structured(1024 if q else 4096)
+        if "skipped" in results["semi_structured"]:
+            print(f"(d) GPU part skipped: {results['semi_structured']['skipped']}")
+        else:
+            _print_rows(f"(d) 2:4 on {results['semi_structured']['gpu']}", results["semi_structured"]["rows"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -235,3 +235,34 @@ def check_shrink_linear_pair(fn: Callable[[torch.nn.Linear, torch.nn.Linear, Ten
 
         cases.append((f"{n_hidden} units, keep {keep}", (run,), want))
     return run_check("shrink a Linear pair", lambda run: run(), cases, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- chapter 5
+def check_csr_bytes(fn: Callable[[int, int, int], int]) -> bool:
+    """``fn(rows, cols, nnz) -> bytes`` of a float32 CSR matrix with int64 indices, as PyTorch stores
+    it: a value and a column index per non-zero, and rows + 1 row pointers."""
+    from utils.measure import csr_bytes
+    cases = []
+    for rows, cols, nnz in [(3, 4, 2), (120, 400, 4800), (4096, 4096, 167772), (10, 10, 0)]:
+        w = torch.zeros(rows * cols)
+        w[:nnz] = 1.0
+        cases.append((f"{rows}x{cols}, {nnz} non-zeros", (rows, cols, nnz), csr_bytes(w.view(rows, cols))))
+    return run_check("bytes of a CSR matrix", fn, cases)
+
+
+def check_break_even(fn: Callable[[dict[float, float]], float | None]) -> bool:
+    """``fn({sparsity: csr_time / dense_time}) -> the lowest sparsity where CSR was faster``, or None."""
+    cases = [("wins from 0.9", ({0.5: 3.1, 0.9: 0.8, 0.95: 0.4, 0.99: 0.1},), 0.9),
+             ("never wins", ({0.5: 3.0, 0.99: 1.2},), None),
+             ("unordered keys", ({0.99: 0.2, 0.8: 0.9, 0.7: 1.5},), 0.8),
+             ("noisy: wins, loses, wins", ({0.7: 0.95, 0.8: 1.05, 0.9: 0.7},), 0.7)]
+    return run_check("break-even sparsity", fn, cases)
+
+
+def check_modelled_energy(fn: Callable[[float, float, bool], float]) -> bool:
+    """``fn(macs, weights, on_chip) -> µJ`` per inference under the 45 nm model of ``utils.energy``:
+    a float multiply and add per MAC, one 32-bit read per weight from SRAM (on chip) or DRAM."""
+    from utils.energy import modelled_energy
+    cases = [(f"{m:g} MACs, {w:g} weights, on_chip={c}", (m, w, c), modelled_energy(m, w, on_chip=c)["total µJ"])
+             for m, w, c in [(416_520, 61_470, True), (416_520, 61_470, False), (1.3e8, 9.2e6, False), (0, 10, True)]]
+    return run_check("modelled energy", fn, cases, atol=1e-6)

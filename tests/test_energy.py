@@ -1,0 +1,41 @@
+"""The energy model adds up as documented; measurement probes say 'no' cleanly where they cannot measure."""
+import pytest
+
+from utils import energy
+
+
+def test_model_counts_arithmetic_and_weight_reads():
+    e = energy.modelled_energy(macs=1e6, weight_words=1e3)
+    assert e["arithmetic µJ"] == pytest.approx(1e6 * (3.7 + 0.9) / 1e6)
+    assert e["weight reads µJ"] == pytest.approx(1e3 * 640 / 1e6)
+    on_chip = energy.modelled_energy(macs=1e6, weight_words=1e3, on_chip=True)
+    assert on_chip["weight reads µJ"] == pytest.approx(1e3 * 5 / 1e6)
+    assert energy.modelled_energy(0, 10, index_words=10)["total µJ"] == pytest.approx(2 * 10 * 640 / 1e6)
+
+
+def test_dram_is_far_costlier_than_arithmetic():
+    pj = energy.HOROWITZ_45NM_PJ
+    assert pj["32-bit DRAM read"] / pj["32-bit float mult"] > 100
+
+
+def test_probes_answer_without_raising(monkeypatch, tmp_path):
+    monkeypatch.setattr(energy, "RAPL", tmp_path / "missing")
+    assert energy.rapl_available() is False
+    assert energy.measure_cpu_energy(lambda: None, seconds=0.01) is None
+    assert energy.nvml_available() in (True, False)
+
+
+def test_rapl_reading_handles_a_wrapping_counter(monkeypatch, tmp_path):
+    pkg = tmp_path / "intel-rapl:0"
+    pkg.mkdir()
+    (pkg / "energy_uj").write_text("999000")
+    (pkg / "max_energy_range_uj").write_text("1000000")
+    monkeypatch.setattr(energy, "RAPL", tmp_path)
+    calls = []
+
+    def work():
+        calls.append(1)
+        (pkg / "energy_uj").write_text("1000")  # wrapped past the maximum: 2000 µJ were used
+
+    result = energy.measure_cpu_energy(work, seconds=0.0)
+    assert result["joules_per_call"] == pytest.approx(0.002 / len(calls))
