@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from utils import checks
-from utils.pruning import smallest_k
+from utils.pruning import semi_structured_mask, smallest_k
 
 
 def shrink_pair(fc1, fc2, keep):
@@ -13,6 +13,19 @@ def shrink_pair(fc1, fc2, keep):
         a.weight.copy_(fc1.weight[keep]), a.bias.copy_(fc1.bias[keep])
         b.weight.copy_(fc2.weight[:, keep]), b.bias.copy_(fc2.bias)
     return a, b
+
+
+def rewind(model, init):
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if hasattr(m, "weight_orig"):
+                m.weight_orig.copy_(init[name + ".weight"])
+                m.bias.copy_(init[name + ".bias"])
+
+
+def best_config(rows, min_accuracy, max_latency):
+    ok = [r for r in rows if r["accuracy"] >= min_accuracy and r["latency"] <= max_latency]
+    return min(ok, key=lambda r: r["params"])["name"] if ok else None
 
 
 def n_weights(model):
@@ -47,6 +60,20 @@ CASES = {  # check: (right answer, wrong answer)
     "check_break_even": (lambda t: min((s for s, r in t.items() if r < 1), default=None),
                          lambda t: max((s for s, r in t.items() if r < 1), default=None)),
     "check_modelled_energy": (lambda m, w, c: (m * 4.6 + w * (5 if c else 640)) / 1e6, lambda m, w, c: (m * 4.6 + w * 640) / 1e6),
+    "check_relative_amount": (lambda c, t: (t - c) / (1 - c), lambda c, t: t - c),
+    "check_pruned_tensor_names": (
+        lambda m: sorted(n[:-5] for n, _ in m.named_buffers(recurse=False) if n.endswith("_mask")),
+        lambda m: ["weight"]),
+    "check_semi_structured_mask": (semi_structured_mask, lambda w: w.abs() >= w.abs().median()),
+    "check_cubic_schedule": (lambda t, n, f, i: f + (i - f) * (1 - min(t, n) / n) ** 3, lambda t, n, f, i: f * t / n),
+    "check_layer_ratios": (
+        lambda scan, d, b: {k: max([r for r, a in v.items() if a >= d - b - 1e-12], default=0.0) for k, v in scan.items()},
+        lambda scan, d, b: {k: max(v) for k, v in scan.items()}),
+    "check_rewind": (rewind, lambda model, init: None),
+    "check_int8": (lambda w: (torch.round(w / (w.abs().max() / 127)).clamp(-127, 127).to(torch.int8), float(w.abs().max()) / 127),
+                   lambda w: (torch.round(w * 127).to(torch.int8), 1 / 127)),
+    "check_combined_compression": (lambda s, b: 32 / b / (1 - s), lambda s, b: 1 / (1 - s)),
+    "check_best_config": (best_config, lambda rows, a, t: rows[0]["name"]),
 }
 
 

@@ -43,3 +43,17 @@ def test_bad_arguments():
         train(LeNet5(), tiny_loader(), epochs=-1)
     with pytest.raises(ValueError, match="empty"):
         evaluate(LeNet5(), DataLoader(TensorDataset(torch.zeros(0, 1, 32, 32), torch.zeros(0).long())))
+
+
+def test_on_step_is_called_after_every_optimizer_step_and_can_prune():
+    set_seed(0)
+    model = LeNet5()
+    seen = []
+
+    def prune_gradually(step):
+        seen.append(step)
+        prune_unstructured(model, min(0.5, 0.1 * step))
+
+    train(model, tiny_loader(64), epochs=2, lr=0.01, on_step=prune_gradually)
+    assert seen == list(range(1, 9))  # 4 batches of 16, two epochs
+    assert abs(sparsity(model) - 0.5) < 1e-4

@@ -266,3 +266,132 @@ def check_modelled_energy(fn: Callable[[float, float, bool], float]) -> bool:
     cases = [(f"{m:g} MACs, {w:g} weights, on_chip={c}", (m, w, c), modelled_energy(m, w, on_chip=c)["total µJ"])
              for m, w, c in [(416_520, 61_470, True), (416_520, 61_470, False), (1.3e8, 9.2e6, False), (0, 10, True)]]
     return run_check("modelled energy", fn, cases, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- chapter 6
+def check_relative_amount(fn: Callable[[float, float], float]) -> bool:
+    """``fn(current, target) -> amount`` for ``torch.nn.utils.prune``, whose amount counts among the
+    weights still unpruned, so that a tensor ``current`` sparse becomes ``target`` sparse."""
+    cases = [(f"{c} -> {t}", (c, t), (t - c) / (1 - c)) for c, t in [(0.0, 0.5), (0.5, 0.75), (0.9, 0.95), (0.3, 0.3)]]
+    return run_check("relative amount", fn, cases, atol=1e-9)
+
+
+def check_pruned_tensor_names(fn: Callable[[torch.nn.Module], list[str]]) -> bool:
+    """``fn(module) -> sorted names of its own tensors reparametrized by torch.nn.utils.prune``."""
+    from torch.nn.utils import prune
+
+    def build(kind: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 3)
+        if kind in ("weight", "both"):
+            prune.l1_unstructured(m, "weight", amount=0.5)
+        if kind in ("bias", "both"):
+            prune.random_unstructured(m, "bias", amount=0.3)
+        return m
+
+    cases = [(f"{k} pruned", (build(k),), w) for k, w in
+             [("none", []), ("weight", ["weight"]), ("bias", ["bias"]), ("both", ["bias", "weight"])]]
+    return run_check("names of pruned tensors", fn, cases)
+
+
+def check_semi_structured_mask(fn: Callable[[Tensor], Tensor]) -> bool:
+    """``fn(weight) -> bool mask`` keeping the 2 largest magnitudes of every 4 consecutive inputs."""
+    from utils.pruning import semi_structured_mask
+    g = torch.Generator().manual_seed(4)
+    cases = [(name, (w,), semi_structured_mask(w)) for name, w in
+             [("random 3x8", torch.randn(3, 8, generator=g)), ("ties 1x8", torch.tensor([[1., 1., 1., 1., 0., 2., 2., 0.]])),
+              ("random 16x16", torch.randn(16, 16, generator=g))]]
+    return run_check("2:4 mask", fn, cases)
+
+
+# ----------------------------------------------------------------------------- chapter 7
+def check_cubic_schedule(fn: Callable[[int, int, float, float], float]) -> bool:
+    """``fn(step, total_steps, final, initial) -> sparsity`` of Zhu and Gupta's gradual schedule,
+    s = final + (initial - final) * (1 - step / total_steps) ** 3, held at ``final`` after the end."""
+    def want(t: int, n: int, f: float, i: float) -> float:
+        return f + (i - f) * (1 - min(t, n) / n) ** 3
+    cases = [(f"step {t} of {n}, {i} -> {f}", (t, n, f, i), want(t, n, f, i))
+             for t, n, f, i in [(0, 10, 0.9, 0.0), (5, 10, 0.9, 0.0), (10, 10, 0.9, 0.0), (15, 10, 0.9, 0.0), (3, 7, 0.95, 0.5)]]
+    return run_check("cubic sparsity schedule", fn, cases, atol=1e-9)
+
+
+def check_layer_ratios(fn: Callable[[dict, float, float], dict]) -> bool:
+    """``fn(scan, dense_acc, budget) -> {layer: ratio}``: for each layer the largest scanned ratio whose
+    accuracy is at least ``dense_acc - budget`` (0.0 if none is)."""
+    scan = {"conv1": {0.5: 0.97, 0.7: 0.95, 0.9: 0.80}, "fc1": {0.5: 0.98, 0.9: 0.975, 0.95: 0.97, 0.98: 0.90},
+            "fc2": {0.3: 0.90, 0.5: 0.85}}
+    cases = [(f"budget {b}", (scan, 0.98, b), {layer: max([r for r, a in row.items() if a >= 0.98 - b - 1e-12], default=0.0)
+                                               for layer, row in scan.items()})
+             for b in (0.01, 0.035, 0.2)]
+    return run_check("per-layer ratios under an accuracy budget", fn, cases)
+
+
+def check_rewind(fn: Callable[[torch.nn.Module, dict], None]) -> bool:
+    """``fn(model, init_state)``: reset every weight and bias of a pruned ``model`` to ``init_state``
+    (a state_dict saved before training, with plain ``weight``/``bias`` keys), keeping the masks."""
+    from utils.models import LeNet300100
+    from utils.pruning import effective_weight, prune_unstructured
+
+    def run(seed: int) -> Tensor:
+        torch.manual_seed(seed)
+        model = LeNet300100()
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))  # "training"
+        prune_unstructured(model, 0.8)
+        masks = {n: m.weight_mask.clone() for n, m in model.named_modules() if hasattr(m, "weight_mask")}
+        fn(model, init)
+        got = []
+        for n, m in model.named_modules():
+            if n in masks:
+                ok = torch.equal(m.weight_mask, masks[n]) and torch.equal(effective_weight(m), init[n + ".weight"] * masks[n]) \
+                    and torch.equal(m.bias.detach(), init[n + ".bias"])
+                got.append(ok)
+        return torch.tensor(got)
+
+    cases = [(f"LeNet-300-100, seed {s}", (s,), torch.ones(3, dtype=torch.bool)) for s in (0, 1)]
+    return run_check("rewind to initialization, masks kept", run, cases)
+
+
+# ----------------------------------------------------------------------------- chapter 8
+def check_int8(fn: Callable[[Tensor], tuple[Tensor, float]]) -> bool:
+    """``fn(w) -> (q, scale)``: symmetric per-tensor int8 quantization, scale = max|w| / 127,
+    q = round(w / scale) as torch.int8, so that q * scale approximates w."""
+    g = torch.Generator().manual_seed(5)
+    ws = {"random 4x5": torch.randn(4, 5, generator=g), "with zeros": torch.tensor([0.0, -1.0, 0.5, 0.25]),
+          "tiny": torch.randn(3, 3, generator=g) * 1e-3}
+    cases = []
+    for name, w in ws.items():
+        scale = float(w.abs().max()) / 127
+        cases.append((name, (w.clone(),), torch.round(w / scale).clamp(-127, 127).to(torch.int8)))
+
+    def q_only(w: Tensor) -> Any:
+        out = fn(w)
+        if out is None:
+            return None
+        q, scale = out
+        if abs(float(scale) - float(w.abs().max()) / 127) > 1e-9:
+            return f"scale {scale}"
+        return q if q.dtype == torch.int8 else f"dtype {q.dtype}"
+    return run_check("int8 quantization", q_only, cases)
+
+
+def check_combined_compression(fn: Callable[[float, int], float]) -> bool:
+    """``fn(sparsity, bits) -> compression vs dense fp32`` when the kept weights are stored with
+    ``bits`` bits (index storage ignored): 32 / bits / (1 - sparsity)."""
+    cases = [(f"sparsity {s}, {b} bits", (s, b), 32 / b / (1 - s)) for s, b in [(0.0, 8), (0.9, 32), (0.9, 8), (0.5, 4)]]
+    return run_check("pruning and quantization together", fn, cases, atol=1e-9)
+
+
+def check_best_config(fn: Callable[[list[dict], float, float], str | None]) -> bool:
+    """``fn(rows, min_accuracy, max_latency) -> name`` of the row with the fewest parameters among those
+    with accuracy >= min_accuracy and latency <= max_latency, or None. Rows have keys
+    name, accuracy, latency, params."""
+    rows = [{"name": "dense", "accuracy": 0.98, "latency": 10.0, "params": 60000},
+            {"name": "unstructured global", "accuracy": 0.975, "latency": 10.5, "params": 6000},
+            {"name": "structured local", "accuracy": 0.96, "latency": 4.0, "params": 15000},
+            {"name": "structured global", "accuracy": 0.97, "latency": 5.0, "params": 14000}]
+    cases = [("accuracy first", (rows, 0.97, 20.0), "unstructured global"), ("latency first", (rows, 0.95, 6.0), "structured global"),
+             ("strict", (rows, 0.965, 4.5), None), ("everything allowed", (rows, 0.0, 100.0), "unstructured global")]
+    return run_check("decision guide", fn, cases)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,12 +31,14 @@ def default_device() -> torch.device:
 def train(model: nn.Module, train_loader: DataLoader, epochs: int = 1, lr: float = 0.01,
           momentum: float = 0.9, weight_decay: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
           device: torch.device | str | None = None, progress: bool | None = None,
-          desc: str = "train") -> list[float]:
+          desc: str = "train", on_step: Callable[[int], None] | None = None) -> list[float]:
     """Train with cross-entropy; SGD with momentum unless an ``optimizer`` is given.
 
     Pruning masks installed by :mod:`utils.pruning` stay in force: the forward pass
     multiplies by them, so pruned weights get no gradient and stay zero whatever the
-    optimizer does to the hidden ``weight_orig``. Returns the mean loss of each epoch.
+    optimizer does to the hidden ``weight_orig``. ``on_step(step)`` is called after every
+    optimizer step (steps count from 1), for example to prune gradually. Returns the mean loss
+    of each epoch.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
@@ -44,7 +47,7 @@ def train(model: nn.Module, train_loader: DataLoader, epochs: int = 1, lr: float
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     show = (not quiet()) if progress is None else progress
-    history = []
+    history, step = [], 0
     for epoch in range(epochs):
         total, count = 0.0, 0
         bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not show, leave=False)
@@ -54,6 +57,9 @@ def train(model: nn.Module, train_loader: DataLoader, epochs: int = 1, lr: float
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
+            step += 1
+            if on_step is not None:
+                on_step(step)
             total += loss.item() * len(y)
             count += len(y)
             bar.set_postfix(loss=f"{total / count:.3f}")
