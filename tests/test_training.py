@@ -57,3 +57,10 @@ def test_on_step_is_called_after_every_optimizer_step_and_can_prune():
     train(model, tiny_loader(64), epochs=2, lr=0.01, on_step=prune_gradually)
     assert seen == list(range(1, 9))  # 4 batches of 16, two epochs
     assert abs(sparsity(model) - 0.5) < 1e-4
+
+
+def test_evaluate_works_on_a_model_without_parameters():
+    from torch import nn
+    model = nn.Sequential(nn.Flatten(), nn.Identity())
+    loader = DataLoader(TensorDataset(torch.eye(10).view(10, 1, 10, 1), torch.arange(10)), batch_size=5)
+    assert evaluate(model, loader) == 1.0

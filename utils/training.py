@@ -28,6 +28,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model lives: its first parameter or buffer; CPU for a model with neither
+    (a dynamically quantized model keeps its weights in packed form, not as parameters)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def train(model: nn.Module, train_loader: DataLoader, epochs: int = 1, lr: float = 0.01,
           momentum: float = 0.9, weight_decay: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
           device: torch.device | str | None = None, progress: bool | None = None,
@@ -42,7 +50,7 @@ def train(model: nn.Module, train_loader: DataLoader, epochs: int = 1, lr: float
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else device_of(model)
     model.to(device).train()
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
@@ -70,7 +78,7 @@ def train(model: nn.Module, train_loader: DataLoader, epochs: int = 1, lr: float
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str | None = None) -> float:
     """Top-1 accuracy on ``loader`` as a fraction in [0, 1]."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else device_of(model)
     model.to(device).eval()
     correct = total = 0
     for x, y in loader:
