@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from conftest import same_snapshot, snapshot
+from conftest import same_snapshot, snapshot, take_steps
 from utils.models import VGG, LeNet5
 from utils.pruning import effective_weight, prune_structured, prune_unstructured, unit_norms
 
@@ -99,11 +99,7 @@ def test_masks_stay_in_force_during_training_with_batchnorm():
     gone = {n: dead_units(m) for n, m in model.named_modules() if hasattr(m, "weight_mask") and m.weight.dim() > 1}
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for _ in range(3):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model(x)
+    take_steps(model, opt, x, y, 3)
     for n, m in model.named_modules():
         if n in gone:
             assert torch.equal(dead_units(m), gone[n])

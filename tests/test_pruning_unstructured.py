@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from conftest import same_snapshot, snapshot
+from conftest import same_snapshot, snapshot, take_steps
 from utils.models import LeNet5
 from utils.pruning import (clone_model, effective_weight, is_pruned, make_permanent, prune_unstructured,
                            smallest_k, sparsity, sparsity_report)
@@ -130,11 +130,7 @@ def test_masks_stay_in_force_during_training(make_opt):
     masks = prune_unstructured(model, 0.8)
     opt = make_opt(model.parameters())
     x, y = torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,))
-    for _ in range(5):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model(x)
+    take_steps(model, opt, x, y, 5)
     for name, m in model.named_modules():
         if name in masks:
             assert (effective_weight(m)[~masks[name]] == 0).all()
