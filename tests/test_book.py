@@ -1,0 +1,49 @@
+"""The chapters follow the book's design: title first, Colab cell from _config.yml, summary and
+checked exercises at the end, executed top to bottom, all listed in the table of contents."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from utils.book import ROOT, colab_cell_source, repository_url
+
+CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
+
+
+def source(cell):
+    return "".join(cell["source"])
+
+
+def test_every_chapter_is_in_the_table_of_contents():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    listed = {c["file"] for part in toc["parts"] for c in part["chapters"]}
+    assert {f"chapters/{p.stem}" for p in CHAPTERS} <= listed
+    assert all((ROOT / f"{f}.md").exists() or (ROOT / f"{f}.ipynb").exists() for f in listed)
+    assert len(CHAPTERS) >= 1
+
+
+def test_the_repository_url_lives_in_one_place():
+    assert repository_url().startswith("https://")
+    assert repository_url() in colab_cell_source()
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_layout(path: Path):
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    assert cells[0]["cell_type"] == "markdown" and source(cells[0]).startswith("# ")
+    colab = [c for c in cells if "google.colab" in source(c)]
+    assert len(colab) == 1 and source(colab[0]) == colab_cell_source()
+    assert "remove-cell" in colab[0]["metadata"].get("tags", [])
+    markdown = "\n".join(source(c) for c in cells if c["cell_type"] == "markdown")
+    assert "## Summary" in markdown and "## Exercises" in markdown
+    assert markdown.count("{exercise-start}") >= 3 and markdown.count("{solution-start}") >= 3
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert sum("check_" in source(c) and "assert check_" in source(c) for c in code) >= 3
+    counts = [c["execution_count"] for c in code]
+    assert counts == list(range(1, len(code) + 1)), "commit chapters executed top to bottom on a fresh kernel"
+    assert not any("NBVAL_SKIP" in source(c) for c in code)
+    errors = [c for c in code if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    assert all("raises-exception" in c["metadata"].get("tags", []) for c in errors)
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
