@@ -55,3 +55,31 @@ def test_online_answers_fast_when_nothing_listens():
     t0 = time.perf_counter()
     assert online(("127.0.0.1", 9), timeout=1.0) is False
     assert time.perf_counter() - t0 < 2.0
+
+
+def write_fake_mnist(root, n_train=20, n_test=10):
+    """Tiny MNIST files in torchvision's raw (idx) format, so the full-MNIST path runs offline."""
+    import struct
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.tobytes())
+    return images, labels
+
+
+def test_full_mnist_path_reads_torchvision_files_from_disk(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "online", lambda *a, **k: pytest.fail("must not go online when the files are on disk"))
+    test_images, test_labels = write_fake_mnist(tmp_path)
+    assert resolve_source("auto", tmp_path) == "mnist"
+    train, test = load_mnist("auto", batch_size=5, root=tmp_path)
+    assert "full MNIST" in capsys.readouterr().out
+    x, y = test.dataset.tensors
+    assert x.shape == (10, 1, 32, 32) and len(train.dataset) == 20
+    assert torch.equal(y, torch.from_numpy(test_labels).long())
+    want = (torch.from_numpy(test_images).float()[:, None] / 255 - data.MEAN) / data.STD
+    assert torch.allclose(x[:, :, 2:30, 2:30], want)
