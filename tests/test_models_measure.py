@@ -50,3 +50,14 @@ def test_csr_bytes_counts_values_indices_and_row_pointers(recwarn):
     w[0, 1], w[2, 3] = 1.0, 2.0
     assert csr_bytes(w) == 2 * 4 + 2 * 8 + 4 * 8
     assert not [x for x in recwarn if "beta" in str(x.message)]
+
+
+def test_count_weights_and_effective_macs():
+    from utils.measure import count_weights, effective_macs, layer_macs
+    model = LeNet5()
+    x = torch.randn(1, 1, 32, 32)
+    assert count_weights(model) == 61_470 and count_weights(model, nonzero=True) == 61_470
+    assert effective_macs(model, x) == sum(layer_macs(model, x).values())
+    prune_unstructured(model, 0.5, scope="local")
+    assert count_weights(model) == 61_470 and abs(count_weights(model, nonzero=True) - 61_470 / 2) <= 3
+    assert abs(effective_macs(model, x) - sum(layer_macs(model, x).values()) / 2) < 10

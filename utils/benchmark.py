@@ -31,7 +31,7 @@ from torch.nn.utils import prune as torch_prune
 import torch.nn.functional as F
 
 from utils import seed_listings
-from utils.measure import count_flops, csr_bytes, time_interleaved
+from utils.measure import count_flops, csr_bytes, time_interleaved, to_csr
 from utils.models import VGG
 from utils.pruning import clone_model, prune_structured, prune_unstructured, semi_structured_mask, smallest_k
 from utils.surgery import shrink
@@ -188,7 +188,7 @@ def bench_sparse_linear(widths: tuple[int, ...] = (1024, 4096), batches: tuple[i
             mask = ~smallest_k(w.abs(), round(s * w.numel()))
             wm = (w * mask).to(device)
             wd, md = w.to(device), mask.to(device=device, dtype=w.dtype)
-            csr = _to_csr(wm)
+            csr = to_csr(wm)
             for batch in batches:
                 x = torch.randn(batch, n, generator=g).to(device)
                 t = _medians({"dense": lambda: F.linear(x, wd), "masked": lambda: F.linear(x, wd * md),
@@ -197,13 +197,6 @@ def bench_sparse_linear(widths: tuple[int, ...] = (1024, 4096), batches: tuple[i
                              "dense ms": t["dense"] * 1e3, "masked / dense": t["masked"] / t["dense"],
                              "csr / dense": t["csr"] / t["dense"], "csr bytes / dense bytes": csr_bytes(wm.cpu()) / (4 * n * n)})
     return rows
-
-
-def _to_csr(w: torch.Tensor) -> torch.Tensor:
-    import warnings
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return w.to_sparse_csr()
 
 
 def break_even(rows: list[dict]) -> dict[str, float | None]:

@@ -68,15 +68,38 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return macs
 
 
-def csr_bytes(weight: torch.Tensor) -> int:
-    """Bytes of ``weight`` (2-D) in PyTorch's CSR format: values, column indices, row pointers.
+def to_csr(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (2-D) in PyTorch's CSR format.
 
     PyTorch warns that sparse CSR support is in beta; that warning is silenced here on purpose.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        csr = weight.detach().to_sparse_csr()
+        return weight.detach().to_sparse_csr()
+
+
+def csr_bytes(weight: torch.Tensor) -> int:
+    """Bytes of ``weight`` (2-D) in CSR: values, column indices, row pointers."""
+    csr = to_csr(weight)
     return sum(t.numel() * t.element_size() for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
+
+
+def count_weights(model: nn.Module, nonzero: bool = False) -> int:
+    """Weights of the Conv2d and Linear layers (biases excluded), optionally only the non-zero ones."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        return sum(int((effective_weight(m) != 0).sum()) if nonzero else effective_weight(m).numel() for m in layers)
+
+
+def effective_macs(model: nn.Module, example: torch.Tensor) -> float:
+    """MACs left if every zero weight were skipped: each layer's dense MACs times its density.
+
+    An upper bound on what sparse kernels could save; dense kernels do the full ``layer_macs``.
+    """
+    macs = layer_macs(model, example)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        return sum(n * float((effective_weight(modules[k]) != 0).float().mean()) for k, n in macs.items())
 
 
 def state_dict_bytes(model: nn.Module) -> int:
