@@ -201,54 +201,64 @@ def prune_structured(model: nn.Module, ratio: float, scope: str = "local", p: fl
         layers = names[:-1]
     selected = select_layers(model, layers)
     with torch.no_grad():
-        scores, already = [], []
-        for lname, m in selected.items():
-            w, mask = weight_and_mask(m)
-            if not torch.isfinite(w).all():
-                raise ValueError(f"layer {lname!r} has NaN or infinite weights")
-            s = unit_norms(m, p)
-            gone = torch.zeros_like(s, dtype=torch.bool) if mask is None else \
-                (mask.reshape(mask.shape[0], -1) == 0).all(dim=1)
-            if scope == "global" and s[~gone].sum() > 0:
-                s = s / s[~gone].mean()  # relative to the layer's average unit
-            s[gone] = -1.0
-            already.append(int(gone.sum()))
-            scores.append(s)
-        if scope == "global":
-            total = sum(s.numel() for s in scores)
-            k = min(round(r * total), total - len(scores))
-            if sum(already) > k:
-                raise ValueError(f"{sum(already)} units are already pruned, more than the {k} asked for")
-            for s in scores:  # the strongest unit of each layer is never a candidate
-                s[s.argmax()] = math.inf
-            gone = smallest_k(torch.cat(scores), k)
-            pruned = list(gone.split([s.numel() for s in scores]))
-        else:
-            pruned = []
-            for lname, s, a in zip(selected, scores, already):
-                k = min(round(r * s.numel()), s.numel() - 1)
-                if a > k:
-                    raise ValueError(f"layer {lname!r} already has {a} pruned units, more than the {k} asked for")
-                pruned.append(smallest_k(s, k))
-        bns = following_batchnorms(model)
-        modules = dict(model.named_modules())
-        masks = {}
-        for (lname, m), gone in zip(selected.items(), pruned):
-            keep_units = ~gone
-            w, mask = weight_and_mask(m)
-            shape = (-1,) + (1,) * (w.dim() - 1)
-            keep = keep_units.view(shape).expand_as(w).clone()
-            if mask is not None:
-                keep &= mask.bool()
-            masks[lname] = keep
-            _apply_mask(m, "weight", keep)
-            targets = [(m, "bias")] if m.bias is not None or hasattr(m, "bias_orig") else []
-            bn = modules[bns[lname]] if lname in bns else None
-            if bn is not None and bn.affine:
-                targets += [(bn, "weight"), (bn, "bias")]
-            for mod, pname in targets:
-                _, old = weight_and_mask(mod, pname)
-                _apply_mask(mod, pname, keep_units if old is None else keep_units & old.bool())
+        scores = {name: _unit_scores(name, m, p, normalize=scope == "global") for name, m in selected.items()}
+        pruned = _choose_units(scores, r, scope)  # raises before anything is changed
+        return _silence_units(model, selected, pruned)
+
+
+def _unit_scores(name: str, module: nn.Module, p: float, normalize: bool) -> Tensor:
+    """L_p norm per unit (divided by the layer's mean if ``normalize``); -1 for units pruned earlier."""
+    w, mask = weight_and_mask(module)
+    if not torch.isfinite(w).all():
+        raise ValueError(f"layer {name!r} has NaN or infinite weights")
+    s = unit_norms(module, p)
+    gone = torch.zeros_like(s, dtype=torch.bool) if mask is None else (mask.flatten(1) == 0).all(dim=1)
+    if normalize and s[~gone].sum() > 0:
+        s = s / s[~gone].mean()  # relative to the layer's average unit
+    s[gone] = -1.0
+    return s
+
+
+def _choose_units(scores: dict[str, Tensor], r: float, scope: str) -> dict[str, Tensor]:
+    """Which units to prune (True = pruned): exact counts, never a layer's last unit."""
+    already = {name: int((s == -1.0).sum()) for name, s in scores.items()}
+    if scope == "local":
+        pruned = {}
+        for name, s in scores.items():
+            k = min(round(r * s.numel()), s.numel() - 1)
+            if already[name] > k:
+                raise ValueError(f"layer {name!r} already has {already[name]} pruned units, more than the {k} asked for")
+            pruned[name] = smallest_k(s, k)
+        return pruned
+    total = sum(s.numel() for s in scores.values())
+    k = min(round(r * total), total - len(scores))
+    if sum(already.values()) > k:
+        raise ValueError(f"{sum(already.values())} units are already pruned, more than the {k} asked for")
+    candidates = [s.clone() for s in scores.values()]
+    for s in candidates:  # the strongest unit of each layer is never a candidate
+        s[s.argmax()] = math.inf
+    gone = smallest_k(torch.cat(candidates), k)
+    return dict(zip(scores, gone.split([s.numel() for s in candidates])))
+
+
+def _silence_units(model: nn.Module, selected: dict[str, nn.Module], pruned: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Mask the pruned units' weights, biases and following BatchNorm; return the weight masks."""
+    bns, modules, masks = following_batchnorms(model), dict(model.named_modules()), {}
+    for name, m in selected.items():
+        keep_units = ~pruned[name]
+        w, mask = weight_and_mask(m)
+        keep = keep_units.view((-1,) + (1,) * (w.dim() - 1)).expand_as(w).clone()
+        if mask is not None:
+            keep &= mask.bool()
+        masks[name] = keep
+        _apply_mask(m, "weight", keep)
+        targets = [(m, "bias")] if m.bias is not None else []
+        bn = modules[bns[name]] if name in bns else None
+        if bn is not None and bn.affine:
+            targets += [(bn, "weight"), (bn, "bias")]
+        for mod, tensor in targets:
+            _, old = weight_and_mask(mod, tensor)
+            _apply_mask(mod, tensor, keep_units if old is None else keep_units & old.bool())
     return masks
 
 
