@@ -86,8 +86,10 @@ def test_every_check_is_covered():
 def test_right_passes_wrong_fails(name, capsys):
     right, wrong = CASES[name]
     check = getattr(checks, name)
-    assert check(right) is True
-    assert check(wrong) is False
-    assert check(lambda *a: None) is False  # an unfinished stub fails too, without crashing
+    verdict = check(right)
+    assert bool(verdict) is True and repr(verdict).startswith("all ")
+    assert not check(wrong)
+    stub = check(lambda *a: None)  # an unfinished stub fails too, without crashing
+    assert not stub and "fix the FAIL lines" in repr(stub)
     out = capsys.readouterr().out
     assert "FAIL" in out and "pass" in out

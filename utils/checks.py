@@ -1,7 +1,7 @@
 """Automatic checks for the exercises: run the reader's function on fixed small inputs.
 
-Each ``check_*`` prints one line per case and a verdict, and returns True or False,
-so a notebook cell can also ``assert`` it. The expected answers come from
+Each ``check_*`` prints one line per case and returns a :class:`Verdict`: true when every
+case passes (so a cell can ``assert`` it), shown as a one-line summary in a notebook. The expected answers come from
 :mod:`utils.pruning`, never from typed-in numbers.
 """
 from __future__ import annotations
@@ -27,24 +27,38 @@ def _same(got: Any, want: Any, atol: float) -> bool:
     return got == want
 
 
+class Verdict:
+    """The result of a check: true when every case passed; its repr is a one-line summary."""
+
+    def __init__(self, passed: int, total: int) -> None:
+        self.passed, self.total = passed, total
+
+    def __bool__(self) -> bool:
+        return self.passed == self.total
+
+    def __repr__(self) -> str:
+        if self:
+            return f"all {self.total} cases pass"
+        return f"{self.passed} of {self.total} cases pass: fix the FAIL lines above"
+
+
 def run_check(title: str, fn: Callable[..., Any], cases: Sequence[tuple[str, tuple, Any]],
-              atol: float = 1e-6) -> bool:
+              atol: float = 1e-6) -> Verdict:
     """Call ``fn(*args)`` for each ``(label, args, expected)`` and print pass/fail per case."""
     print(f"check: {title}")
-    ok = True
+    passed = 0
     for label, args, want in cases:
         try:
             got = fn(*args)
-            passed = _same(got, want, atol)
-            detail = "" if passed else f" (expected {want!r}, got {got!r})"
+            ok = _same(got, want, atol)
+            detail = "" if ok else f" (expected {want!r}, got {got!r})"
             if got is None:
                 detail = " (got None: does your function return its result?)"
         except Exception as e:  # the reader's code may raise anything; report it, do not crash
-            passed, detail = False, f" (raised {type(e).__name__}: {e})"
-        ok &= passed
-        print(f"  {'pass' if passed else 'FAIL'}: {label}{detail if len(detail) < 300 else ' (wrong result)'}")
-    print("  => all cases pass" if ok else "  => some cases fail: read the FAIL lines above")
-    return ok
+            ok, detail = False, f" (raised {type(e).__name__}: {e})"
+        passed += ok
+        print(f"  {'pass' if ok else 'FAIL'}: {label}{detail if len(detail) < 300 else ' (wrong result)'}")
+    return Verdict(passed, len(cases))
 
 
 def _tensors() -> dict[str, Tensor]:
@@ -54,7 +68,7 @@ def _tensors() -> dict[str, Tensor]:
             "conv 3x2x3x3": torch.randn(3, 2, 3, 3, generator=g)}
 
 
-def check_unstructured_mask(fn: Callable[[Tensor, float], Tensor]) -> bool:
+def check_unstructured_mask(fn: Callable[[Tensor, float], Tensor]) -> Verdict:
     """``fn(weight, ratio) -> bool mask`` (True = kept) that zeroes exactly round(ratio*n) weights,
     the smallest |w| first, ties to the earliest position (equation 3.1 with an exact threshold)."""
     cases = []
@@ -65,7 +79,7 @@ def check_unstructured_mask(fn: Callable[[Tensor, float], Tensor]) -> bool:
     return run_check("unstructured magnitude mask", fn, cases)
 
 
-def check_row_norms(fn: Callable[[Tensor, float], Tensor]) -> bool:
+def check_row_norms(fn: Callable[[Tensor, float], Tensor]) -> Verdict:
     """``fn(weight, p) -> one L_p norm per output unit`` (row of a Linear, filter of a Conv2d)."""
     cases = []
     for name, w in _tensors().items():
@@ -75,7 +89,7 @@ def check_row_norms(fn: Callable[[Tensor, float], Tensor]) -> bool:
     return run_check("L_p norm of each output unit", fn, cases, atol=1e-5)
 
 
-def check_sparsity(fn: Callable[[Tensor], float]) -> bool:
+def check_sparsity(fn: Callable[[Tensor], float]) -> Verdict:
     """``fn(tensor) -> fraction of zero entries`` as a float in [0, 1]."""
     cases = [(name, (w.clone(),), float((w == 0).sum()) / w.numel()) for name, w in _tensors().items()]
     cases.append(("all zeros", (torch.zeros(5, 5),), 1.0))
@@ -83,7 +97,7 @@ def check_sparsity(fn: Callable[[Tensor], float]) -> bool:
 
 
 # ----------------------------------------------------------------------------- chapter 1
-def check_count_weights(fn: Callable[[torch.nn.Module], int]) -> bool:
+def check_count_weights(fn: Callable[[torch.nn.Module], int]) -> Verdict:
     """``fn(model) -> number of weights in its Conv2d and Linear layers`` (biases excluded)."""
     from utils.models import LeNet5, LeNet300100, VGG
     cases = []
@@ -93,14 +107,14 @@ def check_count_weights(fn: Callable[[torch.nn.Module], int]) -> bool:
     return run_check("weights of Conv2d and Linear layers", fn, cases)
 
 
-def check_model_megabytes(fn: Callable[[int, int], float]) -> bool:
+def check_model_megabytes(fn: Callable[[int, int], float]) -> Verdict:
     """``fn(n_params, bits) -> size in megabytes (10**6 bytes)`` of the raw values."""
     cases = [(f"{n:,} params at {b} bits", (n, b), n * b / 8 / 1e6)
              for n, b in [(61_706, 32), (25_557_032, 32), (25_557_032, 8), (1_000_000, 4)]]
     return run_check("model size in MB", fn, cases)
 
 
-def check_conv_macs(fn: Callable[[int, int, int, int, int], int]) -> bool:
+def check_conv_macs(fn: Callable[[int, int, int, int, int], int]) -> Verdict:
     """``fn(c_in, c_out, k, h_out, w_out) -> multiply-accumulates`` of a k x k Conv2d (groups=1)."""
     from utils.measure import count_flops
     cases = []
@@ -112,20 +126,20 @@ def check_conv_macs(fn: Callable[[int, int, int, int, int], int]) -> bool:
 
 
 # ----------------------------------------------------------------------------- chapter 2
-def check_compression_ratio(fn: Callable[[float], float]) -> bool:
+def check_compression_ratio(fn: Callable[[float], float]) -> Verdict:
     """``fn(sparsity) -> compression ratio`` = weights before / weights kept."""
     cases = [(f"sparsity {s}", (s,), 1 / (1 - s)) for s in (0.0, 0.5, 0.9, 0.92, 0.99)]
     return run_check("compression ratio", fn, cases, atol=1e-9)
 
 
-def check_local_counts(fn: Callable[[Sequence[int], float], list[int]]) -> bool:
+def check_local_counts(fn: Callable[[Sequence[int], float], list[int]]) -> Verdict:
     """``fn(layer_sizes, ratio) -> weights pruned in each layer`` under local pruning."""
     cases = [(f"sizes {s}, ratio {r}", (list(s), r), [round(r * n) for n in s])
              for s, r in [((150, 2400, 48000), 0.5), ((10, 10), 0.25), ((7, 3, 1), 0.9), ((100,), 0.0)]]
     return run_check("weights pruned per layer (local)", fn, cases)
 
 
-def check_theoretical_speedup(fn: Callable[[Sequence[int], Sequence[float]], float]) -> bool:
+def check_theoretical_speedup(fn: Callable[[Sequence[int], Sequence[float]], float]) -> Verdict:
     """``fn(macs_per_layer, density_per_layer) -> dense MACs / MACs left`` when zeros are skipped."""
     cases = [(f"macs {m}, density {d}", (list(m), list(d)), sum(m) / sum(a * b for a, b in zip(m, d)))
              for m, d in [((100, 100), (0.5, 0.5)), ((117600, 240000, 48000), (1.0, 0.2, 0.05)),
@@ -134,7 +148,7 @@ def check_theoretical_speedup(fn: Callable[[Sequence[int], Sequence[float]], flo
 
 
 # ----------------------------------------------------------------------------- chapter 3
-def check_structured_mask(fn: Callable[[Tensor, float, float], Tensor]) -> bool:
+def check_structured_mask(fn: Callable[[Tensor, float, float], Tensor]) -> Verdict:
     """``fn(weight, ratio, p) -> bool per output unit`` (True = kept): the round(ratio * units)
     units with the smallest L_p norm are removed, ties to the earliest unit."""
     cases = []
@@ -146,7 +160,7 @@ def check_structured_mask(fn: Callable[[Tensor, float, float], Tensor]) -> bool:
 
 
 # ----------------------------------------------------------------------------- chapter 4.1
-def check_global_threshold(fn: Callable[[list[Tensor], float], float]) -> bool:
+def check_global_threshold(fn: Callable[[list[Tensor], float], float]) -> Verdict:
     """``fn(weights, ratio) -> theta``: the k-th smallest |w| over all tensors, k = round(ratio * n)
     (k >= 1), so that pruning ``|w| <= theta`` removes k weights when there are no ties."""
     g = torch.Generator().manual_seed(1)
@@ -159,7 +173,7 @@ def check_global_threshold(fn: Callable[[list[Tensor], float], float]) -> bool:
     return run_check("global threshold", fn, cases)
 
 
-def check_geometric_schedule(fn: Callable[[float, int], list[float]]) -> bool:
+def check_geometric_schedule(fn: Callable[[float, int], list[float]]) -> Verdict:
     """``fn(final_sparsity, rounds) -> sparsity after each round`` when every round removes the same
     share of the weights still left: s_i = 1 - (1 - S) ** (i / rounds)."""
     cases = [(f"S={s}, {n} rounds", (s, n), [1 - (1 - s) ** (i / n) for i in range(1, n + 1)])
@@ -173,7 +187,7 @@ def check_geometric_schedule(fn: Callable[[float, int], list[float]]) -> bool:
     return run_check("iterative pruning schedule", as_list, cases, atol=1e-9)
 
 
-def check_regrown(fn: Callable[[Tensor, Tensor], int]) -> bool:
+def check_regrown(fn: Callable[[Tensor, Tensor], int]) -> Verdict:
     """``fn(weight, mask) -> how many pruned positions (mask == 0) hold a non-zero weight``."""
     g = torch.Generator().manual_seed(2)
     cases = []
@@ -186,7 +200,7 @@ def check_regrown(fn: Callable[[Tensor, Tensor], int]) -> bool:
 
 
 # ----------------------------------------------------------------------------- chapter 4.2
-def check_dead_units(fn: Callable[[Tensor], int]) -> bool:
+def check_dead_units(fn: Callable[[Tensor], int]) -> Verdict:
     """``fn(weight) -> number of output units (rows / filters) whose weights are all zero``."""
     cases = []
     for name, w in _tensors().items():
@@ -197,7 +211,7 @@ def check_dead_units(fn: Callable[[Tensor], int]) -> bool:
     return run_check("whole units removed", fn, cases)
 
 
-def check_flatten_columns(fn: Callable[[Tensor, int], Tensor]) -> bool:
+def check_flatten_columns(fn: Callable[[Tensor, int], Tensor]) -> Verdict:
     """``fn(kept_channels, hw) -> the input columns of the Linear after flatten that stay``
     (channel c owns columns c*hw ... c*hw + hw - 1), in increasing order."""
     cases = []
@@ -213,7 +227,7 @@ def check_flatten_columns(fn: Callable[[Tensor, int], Tensor]) -> bool:
     return run_check("columns of the next layer", as_long, cases)
 
 
-def check_shrink_linear_pair(fn: Callable[[torch.nn.Linear, torch.nn.Linear, Tensor], tuple]) -> bool:
+def check_shrink_linear_pair(fn: Callable[[torch.nn.Linear, torch.nn.Linear, Tensor], tuple]) -> Verdict:
     """``fn(fc1, fc2, keep) -> (small_fc1, small_fc2)``: fc1 keeps only the units ``keep``, fc2 only
     the matching inputs; ``fc2(relu(fc1(x)))`` is unchanged when the other units were dead."""
     torch.manual_seed(3)
@@ -238,7 +252,7 @@ def check_shrink_linear_pair(fn: Callable[[torch.nn.Linear, torch.nn.Linear, Ten
 
 
 # ----------------------------------------------------------------------------- chapter 5
-def check_csr_bytes(fn: Callable[[int, int, int], int]) -> bool:
+def check_csr_bytes(fn: Callable[[int, int, int], int]) -> Verdict:
     """``fn(rows, cols, nnz) -> bytes`` of a float32 CSR matrix with int64 indices, as PyTorch stores
     it: a value and a column index per non-zero, and rows + 1 row pointers."""
     from utils.measure import csr_bytes
@@ -250,7 +264,7 @@ def check_csr_bytes(fn: Callable[[int, int, int], int]) -> bool:
     return run_check("bytes of a CSR matrix", fn, cases)
 
 
-def check_break_even(fn: Callable[[dict[float, float]], float | None]) -> bool:
+def check_break_even(fn: Callable[[dict[float, float]], float | None]) -> Verdict:
     """``fn({sparsity: csr_time / dense_time}) -> the lowest sparsity where CSR was faster``, or None."""
     cases = [("wins from 0.9", ({0.5: 3.1, 0.9: 0.8, 0.95: 0.4, 0.99: 0.1},), 0.9),
              ("never wins", ({0.5: 3.0, 0.99: 1.2},), None),
@@ -259,7 +273,7 @@ def check_break_even(fn: Callable[[dict[float, float]], float | None]) -> bool:
     return run_check("break-even sparsity", fn, cases)
 
 
-def check_modelled_energy(fn: Callable[[float, float, bool], float]) -> bool:
+def check_modelled_energy(fn: Callable[[float, float, bool], float]) -> Verdict:
     """``fn(macs, weights, on_chip) -> µJ`` per inference under the 45 nm model of ``utils.energy``:
     a float multiply and add per MAC, one 32-bit read per weight from SRAM (on chip) or DRAM."""
     from utils.energy import modelled_energy
@@ -269,14 +283,14 @@ def check_modelled_energy(fn: Callable[[float, float, bool], float]) -> bool:
 
 
 # ----------------------------------------------------------------------------- chapter 6
-def check_relative_amount(fn: Callable[[float, float], float]) -> bool:
+def check_relative_amount(fn: Callable[[float, float], float]) -> Verdict:
     """``fn(current, target) -> amount`` for ``torch.nn.utils.prune``, whose amount counts among the
     weights still unpruned, so that a tensor ``current`` sparse becomes ``target`` sparse."""
     cases = [(f"{c} -> {t}", (c, t), (t - c) / (1 - c)) for c, t in [(0.0, 0.5), (0.5, 0.75), (0.9, 0.95), (0.3, 0.3)]]
     return run_check("relative amount", fn, cases, atol=1e-9)
 
 
-def check_pruned_tensor_names(fn: Callable[[torch.nn.Module], list[str]]) -> bool:
+def check_pruned_tensor_names(fn: Callable[[torch.nn.Module], list[str]]) -> Verdict:
     """``fn(module) -> sorted names of its own tensors reparametrized by torch.nn.utils.prune``."""
     from torch.nn.utils import prune
 
@@ -294,7 +308,7 @@ def check_pruned_tensor_names(fn: Callable[[torch.nn.Module], list[str]]) -> boo
     return run_check("names of pruned tensors", fn, cases)
 
 
-def check_semi_structured_mask(fn: Callable[[Tensor], Tensor]) -> bool:
+def check_semi_structured_mask(fn: Callable[[Tensor], Tensor]) -> Verdict:
     """``fn(weight) -> bool mask`` keeping the 2 largest magnitudes of every 4 consecutive inputs."""
     from utils.pruning import semi_structured_mask
     g = torch.Generator().manual_seed(4)
@@ -305,7 +319,7 @@ def check_semi_structured_mask(fn: Callable[[Tensor], Tensor]) -> bool:
 
 
 # ----------------------------------------------------------------------------- chapter 7
-def check_cubic_schedule(fn: Callable[[int, int, float, float], float]) -> bool:
+def check_cubic_schedule(fn: Callable[[int, int, float, float], float]) -> Verdict:
     """``fn(step, total_steps, final, initial) -> sparsity`` of Zhu and Gupta's gradual schedule,
     s = final + (initial - final) * (1 - step / total_steps) ** 3, held at ``final`` after the end."""
     def want(t: int, n: int, f: float, i: float) -> float:
@@ -315,7 +329,7 @@ def check_cubic_schedule(fn: Callable[[int, int, float, float], float]) -> bool:
     return run_check("cubic sparsity schedule", fn, cases, atol=1e-9)
 
 
-def check_layer_ratios(fn: Callable[[dict, float, float], dict]) -> bool:
+def check_layer_ratios(fn: Callable[[dict, float, float], dict]) -> Verdict:
     """``fn(scan, dense_acc, budget) -> {layer: ratio}``: for each layer the largest scanned ratio whose
     accuracy is at least ``dense_acc - budget`` (0.0 if none is)."""
     scan = {"conv1": {0.5: 0.97, 0.7: 0.95, 0.9: 0.80}, "fc1": {0.5: 0.98, 0.9: 0.975, 0.95: 0.97, 0.98: 0.90},
@@ -326,7 +340,7 @@ def check_layer_ratios(fn: Callable[[dict, float, float], dict]) -> bool:
     return run_check("per-layer ratios under an accuracy budget", fn, cases)
 
 
-def check_rewind(fn: Callable[[torch.nn.Module, dict], None]) -> bool:
+def check_rewind(fn: Callable[[torch.nn.Module, dict], None]) -> Verdict:
     """``fn(model, init_state)``: reset every weight and bias of a pruned ``model`` to ``init_state``
     (a state_dict saved before training, with plain ``weight``/``bias`` keys), keeping the masks."""
     from utils.models import LeNet300100
@@ -355,7 +369,7 @@ def check_rewind(fn: Callable[[torch.nn.Module, dict], None]) -> bool:
 
 
 # ----------------------------------------------------------------------------- chapter 8
-def check_int8(fn: Callable[[Tensor], tuple[Tensor, float]]) -> bool:
+def check_int8(fn: Callable[[Tensor], tuple[Tensor, float]]) -> Verdict:
     """``fn(w) -> (q, scale)``: symmetric per-tensor int8 quantization, scale = max|w| / 127,
     q = round(w / scale) as torch.int8, so that q * scale approximates w."""
     g = torch.Generator().manual_seed(5)
@@ -377,14 +391,14 @@ def check_int8(fn: Callable[[Tensor], tuple[Tensor, float]]) -> bool:
     return run_check("int8 quantization", q_only, cases)
 
 
-def check_combined_compression(fn: Callable[[float, int], float]) -> bool:
+def check_combined_compression(fn: Callable[[float, int], float]) -> Verdict:
     """``fn(sparsity, bits) -> compression vs dense fp32`` when the kept weights are stored with
     ``bits`` bits (index storage ignored): 32 / bits / (1 - sparsity)."""
     cases = [(f"sparsity {s}, {b} bits", (s, b), 32 / b / (1 - s)) for s, b in [(0.0, 8), (0.9, 32), (0.9, 8), (0.5, 4)]]
     return run_check("pruning and quantization together", fn, cases, atol=1e-9)
 
 
-def check_best_config(fn: Callable[[list[dict], float, float], str | None]) -> bool:
+def check_best_config(fn: Callable[[list[dict], float, float], str | None]) -> Verdict:
     """``fn(rows, min_accuracy, max_latency) -> name`` of the row with the fewest parameters among those
     with accuracy >= min_accuracy and latency <= max_latency, or None. Rows have keys
     name, accuracy, latency, params."""
