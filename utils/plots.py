@@ -1,6 +1,7 @@
 """The book's figures: small functions so that chapter cells stay short."""
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -35,7 +36,7 @@ def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], y
     x = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
         ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
-    ax.set_xticks(x, groups)
+    ax.set_xticks(x, [textwrap.fill(str(g), 14) for g in groups])  # long names wrap instead of overlapping
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
