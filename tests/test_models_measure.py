@@ -2,9 +2,9 @@
 import torch
 from torch import nn
 
-from utils.measure import count_flops, count_params, latency, state_dict_bytes
+from utils.measure import count_flops, count_params, file_sizes, latency, saved_bytes
 from utils.models import VGG, LeNet5, LeNet300100
-from utils.pruning import prune_unstructured
+from utils.pruning import make_permanent, prune_unstructured
 
 
 def test_model_shapes_and_sizes():
@@ -26,7 +26,9 @@ def test_nonzero_params_and_bytes():
     weights = sum(m.weight_orig.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     biases = sum(m.bias.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert count_params(model, nonzero=True) == weights // 2 + biases
-    assert state_dict_bytes(LeNet5()) > 4 * 61_706
+    assert len(saved_bytes(LeNet5().state_dict())) > 4 * 61_706
+    sizes = file_sizes(make_permanent(model).state_dict())
+    assert sizes["KB zipped"] < sizes["KB"] * 0.8  # half the weights are zeros: they compress
 
 
 def test_latency_returns_a_positive_median_per_model():

@@ -6,6 +6,7 @@ import os
 import statistics
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -102,11 +103,17 @@ def effective_macs(model: nn.Module, example: torch.Tensor) -> float:
         return sum(n * float((effective_weight(modules[k]) != 0).float().mean()) for k, n in macs.items())
 
 
-def state_dict_bytes(model: nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())``: the size of the model file."""
+def saved_bytes(obj: object) -> bytes:
+    """What ``torch.save(obj)`` writes (for a state_dict: the model file), kept in memory."""
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getbuffer().nbytes
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def file_sizes(obj: object) -> dict[str, float]:
+    """KB of ``torch.save(obj)``, raw and compressed with DEFLATE (zlib level 9, as in a .zip)."""
+    raw = saved_bytes(obj)
+    return {"KB": len(raw) / 1e3, "KB zipped": len(zlib.compress(raw, 9)) / 1e3}
 
 
 def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 20,
