@@ -63,3 +63,10 @@ def test_count_weights_and_effective_macs():
     prune_unstructured(model, 0.5, scope="local")
     assert count_weights(model) == 61_470 and abs(count_weights(model, nonzero=True) - 61_470 / 2) <= 3
     assert abs(effective_macs(model, x) - sum(layer_macs(model, x).values()) / 2) < 10
+
+
+def test_median_times_runs_every_candidate_interleaved():
+    from utils.measure import median_times
+    calls = []
+    t = median_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert set(t) == {"a", "b"} and calls == ["a", "b"] + ["a", "b"] * 3

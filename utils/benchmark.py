@@ -26,14 +26,14 @@ from collections.abc import Callable
 import psutil
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.nn.utils import prune as torch_prune
 
-import torch.nn.functional as F
-
 from utils import seed_listings
-from utils.measure import count_flops, csr_bytes, time_interleaved, to_csr
+from utils.measure import count_flops, csr_bytes, median_times, to_csr
 from utils.models import VGG
-from utils.pruning import clone_model, prune_structured, prune_unstructured, semi_structured_mask, smallest_k
+from utils.pruning import (clone_model, prune_structured, prune_unstructured, select_layers, semi_structured_mask,
+                           smallest_k)
 from utils.surgery import shrink
 
 
@@ -78,15 +78,11 @@ def peak_extra_rss(fn: Callable[[], object], interval: float = 0.002) -> tuple[f
     return elapsed, max(peak, proc.memory_info().rss) - base
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
 PRUNERS: dict[str, Callable[[nn.Module, float], object]] = {
     "utils.pruning": lambda m, r: prune_unstructured(m, r, scope="global"),
     "seed listing": seed_listings.unstructured_pruning,
     "torch.nn.utils.prune": lambda m, r: torch_prune.global_unstructured(
-        [(layer, "weight") for layer in _layers(m)], pruning_method=torch_prune.L1Unstructured, amount=r),
+        [(layer, "weight") for layer in select_layers(m).values()], pruning_method=torch_prune.L1Unstructured, amount=r),
 }
 
 
@@ -96,7 +92,7 @@ def bench_prune_speed(model: nn.Module, ratio: float = 0.5, repeats: int = 3) ->
     Memory is sampled in one separate pass, so that the sampling thread does not slow the
     timed runs (on 2 cores it would).
     """
-    weights = [m.weight.detach() for m in _layers(model)]
+    weights = [m.weight.detach() for m in select_layers(model).values()]
     memory = {}
     for name, prune in PRUNERS.items():
         victim = copy.deepcopy(model)
@@ -132,24 +128,6 @@ def print_prune_speed(result: dict) -> None:
               f"{row['times_slower_than_utils']:6.1f}x utils")
 
 
-def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """Wrap ``fn`` so that a GPU has finished its work when the timer stops."""
-    if device.type != "cuda":
-        return fn
-
-    def run() -> object:
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out
-    return run
-
-
-def _medians(candidates: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    with torch.no_grad():
-        times = time_interleaved({k: _synced(f, device) for k, f in candidates.items()}, repeats=repeats, warmup=2)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def bench_structured(width: float = 1.0, batches: tuple[int, ...] = (1, 32), repeats: int = 20,
                      device: str | torch.device = "cpu") -> list[dict]:
     """(b): dense vs masked vs shrunk VGG, half of every hidden layer's channels removed."""
@@ -165,7 +143,7 @@ def bench_structured(width: float = 1.0, batches: tuple[int, ...] = (1, 32), rep
         macs = count_flops(dense, x) / count_flops(small, x)
         models = {k: m.to(device) for k, m in {"dense": dense, "masked": masked, "shrunk": small}.items()}
         xd = x.to(device)
-        t = _medians({k: (lambda m=m: m(xd)) for k, m in models.items()}, repeats, device)
+        t = median_times({k: (lambda m=m: m(xd)) for k, m in models.items()}, repeats, 2, device)
         rows.append({"device": device.type, "width": width, "batch": batch, "MACs ratio": macs,
                      "dense ms": t["dense"] * 1e3, "masked ms": t["masked"] * 1e3, "shrunk ms": t["shrunk"] * 1e3,
                      "latency ratio": t["dense"] / t["shrunk"],
@@ -191,8 +169,8 @@ def bench_sparse_linear(widths: tuple[int, ...] = (1024, 4096), batches: tuple[i
             csr = to_csr(wm)
             for batch in batches:
                 x = torch.randn(batch, n, generator=g).to(device)
-                t = _medians({"dense": lambda: F.linear(x, wd), "masked": lambda: F.linear(x, wd * md),
-                              "csr": lambda: (csr @ x.t()).t()}, repeats, device)
+                t = median_times({"dense": lambda: F.linear(x, wd), "masked": lambda: F.linear(x, wd * md),
+                              "csr": lambda: (csr @ x.t()).t()}, repeats, 2, device)
                 rows.append({"device": device.type, "width": n, "batch": batch, "sparsity": s,
                              "dense ms": t["dense"] * 1e3, "masked / dense": t["masked"] / t["dense"],
                              "csr / dense": t["csr"] / t["dense"], "csr bytes / dense bytes": csr_bytes(wm.cpu()) / (4 * n * n)})
@@ -225,7 +203,7 @@ def bench_semi_structured(n: int = 4096, batches: tuple[int, ...] = (64, 1024), 
     rows = []
     for batch in batches:
         x = torch.randn(batch, n, device=device, dtype=torch.float16)
-        t = _medians({"dense": lambda: F.linear(x, w24), "2:4": lambda: F.linear(x, sparse)}, repeats, device)
+        t = median_times({"dense": lambda: F.linear(x, w24), "2:4": lambda: F.linear(x, sparse)}, repeats, 2, device)
         rows.append({"batch": batch, "dense ms": t["dense"] * 1e3, "2:4 ms": t["2:4"] * 1e3, "speedup": t["dense"] / t["2:4"],
                      "max abs difference": float((F.linear(x, w24) - F.linear(x, sparse)).abs().max())})
     return {"gpu": torch.cuda.get_device_name(0), "width": n, "rows": rows}

@@ -131,17 +131,26 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int =
     return times
 
 
+def median_times(candidates: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
+                 device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median wall time (s) of each candidate under ``no_grad``, interleaved; on a GPU each call
+    is followed by a synchronize, so that the timer sees the finished work."""
+    device = torch.device(device)
+
+    def synced(fn: Callable[[], object]) -> Callable[[], object]:
+        if device.type != "cuda":
+            return fn
+        return lambda: (fn(), torch.cuda.synchronize(device))
+
+    with torch.no_grad():
+        times = time_interleaved({k: synced(f) for k, f in candidates.items()}, repeats, warmup)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def latency(models: dict[str, nn.Module], example: torch.Tensor, repeats: int = 20,
             warmup: int = 3) -> dict[str, float]:
     """Median forward latency (s) of each model on ``example``, measured interleaved."""
     for m in models.values():
         m.eval()
-
-    def runner(m: nn.Module) -> Callable[[], object]:
-        def run() -> object:
-            with torch.no_grad():
-                return m(example)
-        return run
-
-    times = time_interleaved({k: runner(m) for k, m in models.items()}, repeats, warmup)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return median_times({k: (lambda m=m: m(example)) for k, m in models.items()}, repeats, warmup,
+                        device=example.device)

@@ -283,11 +283,9 @@ def semi_structured_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
 # ----------------------------------------------------------------------------- inspection
 def sparsity(model: nn.Module) -> float:
     """Fraction of the Conv2d/Linear weights that are zero, in [0, 1]."""
-    layers = select_layers(model)
     with torch.no_grad():
-        zeros = sum(int((effective_weight(m) == 0).sum()) for m in layers.values())
-        total = sum(effective_weight(m).numel() for m in layers.values())
-    return zeros / total
+        weights = [effective_weight(m) for m in select_layers(model).values()]
+        return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
 def sparsity_report(model: nn.Module) -> pd.DataFrame:
