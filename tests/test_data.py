@@ -1,4 +1,5 @@
-"""load_mnist: the offline fallback is real MNIST, split deterministically and stratified."""
+"""load_mnist: the default is a real-MNIST subset (split deterministically and stratified); full
+MNIST on request."""
 import time
 
 import numpy as np
@@ -35,6 +36,26 @@ def test_split_is_deterministic_and_disjoint():
 def test_same_seed_same_order():
     first = [next(iter(load_mnist("subset", seed=1, verbose=False)[0]))[1] for _ in range(2)]
     assert torch.equal(first[0], first[1])
+
+
+def test_the_subset_is_the_default_even_online_and_full_mnist_is_one_switch_away(monkeypatch, tmp_path):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "online", lambda *a, **k: pytest.fail("the default must not look at the network"))
+    write_fake_mnist(tmp_path)  # even with full MNIST on disk
+    assert resolve_source(root=tmp_path) == "subset"
+    monkeypatch.setenv(data.ENV_VAR, "mnist")
+    assert resolve_source(root=tmp_path) == "mnist"
+    assert len(load_mnist(root=tmp_path, verbose=False)[0].dataset) == 20
+
+
+def test_a_full_mnist_request_that_cannot_be_met_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv(data.ENV_VAR, "mnist")
+
+    def no_network(root, download):
+        raise OSError("no route to host")
+    monkeypatch.setattr(data, "_full_mnist", no_network)
+    with pytest.raises(RuntimeError, match=f"unset \\${data.ENV_VAR}"):
+        load_mnist(root=tmp_path, verbose=False)
 
 
 def test_auto_falls_back_offline_and_the_environment_variable_wins(monkeypatch, tmp_path):

@@ -64,3 +64,59 @@ def test_evaluate_works_on_a_model_without_parameters():
     model = nn.Sequential(nn.Flatten(), nn.Identity())
     loader = DataLoader(TensorDataset(torch.eye(10).view(10, 1, 10, 1), torch.arange(10)), batch_size=5)
     assert evaluate(model, loader) == 1.0
+
+
+def test_pick_device_prefers_cuda_when_present_and_can_be_forced(monkeypatch):
+    from utils.training import pick_device
+    monkeypatch.delenv("PRUNING_BOOK_DEVICE", raising=False)
+    assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("PRUNING_BOOK_DEVICE", "cpu")
+    assert pick_device() == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            pick_device("cuda")
+
+
+def test_training_follows_the_model_dtype_and_keeps_it():
+    set_seed(0)
+    model = LeNet5().to(torch.bfloat16)
+    history = train(model, tiny_loader(), epochs=2, lr=0.05)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and history[1] < history[0]
+    assert 0.0 <= evaluate(model, tiny_loader()) <= 1.0
+
+
+def test_a_failing_run_on_another_device_puts_the_model_back():
+    from utils.training import device_of
+    model = LeNet5()
+    bad = DataLoader(TensorDataset(torch.zeros(4, 1, 28, 28), torch.zeros(4).long()), batch_size=2)
+    with pytest.raises(RuntimeError):
+        train(model, bad, device="cpu")
+    assert device_of(model).type == "cpu" and model.training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_on_the_gpu_keeps_masks_and_returns_the_model_to_the_cpu(dtype):
+    from utils.training import device_of
+    set_seed(0)
+    model = LeNet5().to(dtype)
+    prune_unstructured(model, 0.8)
+    before = model.fc1.weight_orig.detach().clone()
+    history = train(model, tiny_loader(), epochs=2, lr=0.05, device="cuda")
+    assert device_of(model).type == "cpu" and model.fc1.weight.dtype == dtype
+    assert not torch.equal(before, model.fc1.weight_orig.detach()) and history[1] < history[0]
+    assert sparsity(model) >= 0.8 - 1e-9
+    assert 0.0 <= evaluate(model, tiny_loader(), device="cuda") <= 1.0
+    assert device_of(model).type == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_on_the_gpu_trains_there_with_cpu_batches():
+    from utils.training import device_of
+    set_seed(0)
+    model = LeNet5().cuda()
+    train(model, tiny_loader(), epochs=1, lr=0.05)
+    assert device_of(model).type == "cuda" and 0.0 <= evaluate(model, tiny_loader()) <= 1.0

@@ -1,4 +1,8 @@
-"""Training and evaluation loops, small and reproducible."""
+"""Training and evaluation loops, small and reproducible, on the CPU or a GPU.
+
+A chapter picks its device once (``device = pick_device()``) and passes it to :func:`train`;
+the loops move each batch to the model's device and dtype, so the same code runs on either.
+"""
 from __future__ import annotations
 
 import os
@@ -24,8 +28,43 @@ def quiet() -> bool:
     return bool(os.environ.get("CI") or os.environ.get("PRUNING_BOOK_QUIET"))
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(prefer: str | None = None) -> torch.device:
+    """``cuda`` when a CUDA GPU is present, else ``cpu``; ``prefer`` (or ``$PRUNING_BOOK_DEVICE``)
+    forces one, for example ``"cpu"`` to reproduce the site's numbers on a GPU runtime."""
+    choice = prefer or os.environ.get("PRUNING_BOOK_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {choice!r} was asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (inputs are cast to it)."""
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _to(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    return x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None)
+
+
+class _On:
+    """Context: the model on ``device`` inside, back where it was afterwards (also on error)."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str | None):
+        self.model, self.home = model, device_of(model)
+        self.device = torch.device(device) if device is not None else self.home
+
+    def __enter__(self) -> torch.device:
+        if self.device != self.home:
+            self.model.to(self.device)
+        return self.device
+
+    def __exit__(self, *exc) -> None:
+        if self.device != self.home:
+            self.model.to(self.home)
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -42,16 +81,25 @@ def train(model: nn.Module, train_loader: DataLoader, epochs: int = 1, lr: float
           desc: str = "train", on_step: Callable[[int], None] | None = None) -> list[float]:
     """Train with cross-entropy; SGD with momentum unless an ``optimizer`` is given.
 
-    Pruning masks installed by :mod:`utils.pruning` stay in force: the forward pass
-    multiplies by them, so pruned weights get no gradient and stay zero whatever the
-    optimizer does to the hidden ``weight_orig``. ``on_step(step)`` is called after every
-    optimizer step (steps count from 1), for example to prune gradually. Returns the mean loss
-    of each epoch.
+    The loop runs on the model's device, batches moved there (and cast to its floating dtype).
+    ``device="cuda"`` runs it on that device instead and puts the model back where it was
+    afterwards, so the rest of a chapter keeps working with CPU tensors. Pruning masks installed by
+    :mod:`utils.pruning` stay in force: the forward pass multiplies by them, so pruned weights get
+    no gradient and stay zero whatever the optimizer does to the hidden ``weight_orig``.
+    ``on_step(step)`` is called after every optimizer step (steps count from 1), for example to
+    prune gradually. Returns the mean loss of each epoch.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
-    device = torch.device(device) if device is not None else device_of(model)
-    model.to(device).train()
+    with _On(model, device) as device:
+        return _train_loop(model, train_loader, epochs, lr, momentum, weight_decay, optimizer, device,
+                           progress, desc, on_step)
+
+
+def _train_loop(model, train_loader, epochs, lr, momentum, weight_decay, optimizer, device, progress,
+                desc, on_step) -> list[float]:
+    model.train()
+    dtype = _float_dtype(model)
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     show = (not quiet()) if progress is None else progress
@@ -60,9 +108,9 @@ def train(model: nn.Module, train_loader: DataLoader, epochs: int = 1, lr: float
         total, count = 0.0, 0
         bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not show, leave=False)
         for x, y in bar:
-            x, y = x.to(device), y.to(device)
+            x, y = _to(x, device, dtype), y.to(device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(x).float(), y)
             loss.backward()
             opt.step()
             step += 1
@@ -77,14 +125,16 @@ def train(model: nn.Module, train_loader: DataLoader, epochs: int = 1, lr: float
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str | None = None) -> float:
-    """Top-1 accuracy on ``loader`` as a fraction in [0, 1]."""
-    device = torch.device(device) if device is not None else device_of(model)
-    model.to(device).eval()
+    """Top-1 accuracy on ``loader`` as a fraction in [0, 1], on the model's device unless
+    ``device`` says otherwise (then the model goes back where it was afterwards)."""
+    model.eval()
     correct = total = 0
-    for x, y in loader:
-        pred = model(x.to(device)).argmax(dim=1)
-        correct += int((pred == y.to(device)).sum())
-        total += len(y)
+    with _On(model, device) as device:
+        dtype = _float_dtype(model)
+        for x, y in loader:
+            pred = model(_to(x, device, dtype)).argmax(dim=1)
+            correct += int((pred == y.to(device)).sum())
+            total += len(y)
     if total == 0:
         raise ValueError("the loader is empty")
     return correct / total
