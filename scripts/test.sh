@@ -9,7 +9,10 @@ python -m pytest tests/ -q
 shopt -s nullglob
 chapters=(chapters/*.ipynb)
 if (( ${#chapters[@]} )); then
-  python -m pytest --nbval-lax -p no:cacheprovider -q "${chapters[@]}"
+  # The Colab rehearsal, which is also the nbval run: each committed chapter, copied alone into an
+  # empty folder, runs under pytest --nbval-lax in a clean venv holding only torch, torchvision and
+  # what Colab preinstalls; its set-up cell installs a wheel built from this checkout (cached venv).
+  python scripts/colab_rehearsal.py --executor nbval "${chapters[@]}"
 fi
 # The chapters ran just above; the strict build renders their committed outputs (warnings are errors).
 python scripts/strict_config.py >/dev/null
