@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.book import sync_colab_cells  # noqa: E402
 
 os.environ["PRUNING_BOOK_QUIET"] = "1"
+os.environ.pop("PRUNING_BOOK_WHEEL", None)  # the committed outputs come from the checkout's own `utils`
 for arg in sys.argv[1:]:
     path = Path(arg)
     sync_colab_cells([path])

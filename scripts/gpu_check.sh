@@ -7,10 +7,10 @@
 #   bash scripts/gpu_check.sh            # report on stdout and in $GPU_CHECK_OUT/report.md
 #
 # Settings (environment): PYTHON (default python3), GPU_CHECK_OUT (default _build/gpu_check),
-# GPU_CHECK_CHAPTERS (default "05 06 09"), GPU_CHECK_FORCE=1 (run even without a GPU),
+# GPU_CHECK_CHAPTERS (default "05 06 09"; empty: none), GPU_CHECK_FORCE=1 (run even without a GPU),
 # WHEELS (a folder of wheels to install first, for a machine without network: torch-pruning,
 # torchao, mlxtend, nbclient, nbformat, ipykernel, ... whatever `import` the check says is missing).
-# Time limits per step (s): T_TESTS=90, T_BENCH=150, T_CHAPTER=110 (3 chapters: under 10 minutes).
+# Time limits per step (s): T_TESTS=60, T_BENCH=120, T_CHAPTER=130 (3 chapters: under 10 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -64,12 +64,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 
 echo "## Steps" >> "$REPORT"
-step cuda-tests "${T_TESTS:-90}" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/
-step benchmark-bd "${T_BENCH:-150}" "$PY" -m utils.benchmark --only bd --json "$OUT/benchmark_bd.json"
-for n in ${GPU_CHECK_CHAPTERS:-05 06 09}; do
+step cuda-tests "${T_TESTS:-60}" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/
+step benchmark-bd "${T_BENCH:-120}" "$PY" -m utils.benchmark --only bd --json "$OUT/benchmark_bd.json"
+for n in ${GPU_CHECK_CHAPTERS-05 06 09}; do
   for nb in chapters/"$n"-*.ipynb; do
     [ -e "$nb" ] || continue
-    step "chapter-$n" "${T_CHAPTER:-110}" "$PY" - "$nb" "$OUT/$(basename "$nb")" <<'EOF'
+    step "chapter-$n" "${T_CHAPTER:-130}" "$PY" - "$nb" "$OUT/$(basename "$nb")" <<'EOF'
 import sys, time
 import nbformat
 from nbclient import NotebookClient
