@@ -22,7 +22,34 @@ def test_probes_answer_without_raising(monkeypatch, tmp_path):
     monkeypatch.setattr(energy, "RAPL", tmp_path / "missing")
     assert energy.rapl_available() is False
     assert energy.measure_cpu_energy(lambda: None, seconds=0.01) is None
-    assert energy.nvml_available() in (True, False)
+
+
+
+def test_nvml_is_read_when_present_and_refused_cleanly_when_not(monkeypatch):
+    import sys
+    import types
+
+    class FakeNVML(types.ModuleType):
+        def __init__(self, fail):
+            super().__init__("pynvml")
+            self.fail = fail
+
+        def nvmlInit(self):
+            if self.fail:
+                raise RuntimeError("NVML Shared Library Not Found")
+
+        def nvmlDeviceGetHandleByIndex(self, i):
+            return i
+
+        def nvmlDeviceGetPowerUsage(self, handle):
+            return 42_000
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(fail=False))
+    assert energy.nvml_available() is True
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(fail=True))
+    assert energy.nvml_available() is False
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: import fails
+    assert energy.nvml_available() is False
 
 
 def test_rapl_reading_handles_a_wrapping_counter(monkeypatch, tmp_path):

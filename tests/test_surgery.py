@@ -126,7 +126,9 @@ def test_hard_coded_view_and_untraceable_models_raise_clearly():
     with pytest.raises(ValueError, match="torch.flatten"):
         shrink(model)
     model = Untraceable()
-    prune_structured(model, 0.5)
+    with pytest.raises(ValueError, match="cannot trace.*name layers= explicitly"):
+        prune_structured(model, 0.5)  # without the graph the classifier is unknown
+    prune_structured(model, 0.5, layers=["conv1", "fc1"])
     with pytest.raises(ValueError, match="cannot trace"):
         shrink(model)
     with pytest.raises(TypeError):

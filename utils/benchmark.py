@@ -8,6 +8,8 @@
 (c) Unstructured pruning that pays only at high sparsity: dense vs masked vs CSR Linear layers,
     50 to 99 % sparse, batch 1 and 64: where CSR breaks even.
 (d) The same on a GPU when there is one, plus 2:4 semi-structured sparsity where supported.
+(e) Scale: global pruning in place of about a billion weights (16 Linear(8192, 8192)), time
+    against one read of all weights and peak extra memory against the model's bytes.
 
 Weights are random: values do not change the work. Candidates always run interleaved
 (A B C A B C ...) and medians are reported, so noise on a shared machine hits all alike.
@@ -16,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
+import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
-import psutil
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -47,35 +49,42 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": psutil.cpu_count(logical=True), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def peak_extra_rss(fn: Callable[[], object], interval: float = 0.002) -> tuple[float, int]:
+def _status_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_extra_rss(fn: Callable[[], object]) -> tuple[float, int]:
     """Run ``fn``; return its wall time (s) and the peak resident memory above the start (bytes).
 
-    A thread samples the process's RSS every ``interval`` seconds: an estimate, good to
-    a few MB, enough to tell 100 MB from 2 GB.
+    On Linux the kernel's own peak (``VmHWM``) is reset first (``/proc/self/clear_refs``), so
+    the peak is exact and nothing runs beside ``fn``; memory freed earlier is handed back to the
+    system first (glibc's ``malloc_trim``), so that ``fn`` reusing it still counts. Elsewhere the process's lifetime peak
+    (``getrusage``) is used: an upper bound when the process was larger before.
     """
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak, done = base, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            time.sleep(interval)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so that reuse is not hidden
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base, read_peak = _status_kb("VmRSS") * 1024, lambda: _status_kb("VmHWM") * 1024
+    except OSError:
+        import resource
+        scale = 1 if platform.system() == "Darwin" else 1024
+        base, read_peak = 0, lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     t0 = time.perf_counter()
     fn()
     elapsed = time.perf_counter() - t0
-    done.set()
-    watcher.join()
-    return elapsed, max(peak, proc.memory_info().rss) - base
+    return elapsed, max(0, read_peak() - base)
 
 
 PRUNERS: dict[str, Callable[[nn.Module, float], object]] = {
@@ -89,8 +98,8 @@ PRUNERS: dict[str, Callable[[nn.Module, float], object]] = {
 def bench_prune_speed(model: nn.Module, ratio: float = 0.5, repeats: int = 3) -> dict:
     """(a): time and peak extra memory of each global pruner on fresh copies of ``model``.
 
-    Memory is sampled in one separate pass, so that the sampling thread does not slow the
-    timed runs (on 2 cores it would).
+    Memory is measured once per pruner first; times are then taken interleaved (one copy per
+    pruner per repeat) and medians reported.
     """
     weights = [m.weight.detach() for m in select_layers(model).values()]
     memory = {}
@@ -101,10 +110,7 @@ def bench_prune_speed(model: nn.Module, ratio: float = 0.5, repeats: int = 3) ->
     times: dict[str, list[float]] = {k: [] for k in PRUNERS}
     floor = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for w in weights:
-            w.sum()
-        floor.append(time.perf_counter() - t0)
+        floor.append(_one_read(weights))
         for name, prune in PRUNERS.items():
             victim = copy.deepcopy(model)
             t0 = time.perf_counter()
@@ -117,6 +123,43 @@ def bench_prune_speed(model: nn.Module, ratio: float = 0.5, repeats: int = 3) ->
             "pruners": {name: {"time_s": statistics.median(t), "peak_extra_mb": memory[name] / 2**20,
                                "times_slower_than_utils": statistics.median(t) / ours}
                         for name, t in times.items()}}
+
+
+def _one_read(weights: list[torch.Tensor]) -> float:
+    """Seconds to read every weight once (a sum): the floor for any pruner."""
+    t0 = time.perf_counter()
+    for w in weights:
+        w.sum()
+    return time.perf_counter() - t0
+
+
+def bench_large_inplace(layers: int = 16, width: int = 8192, ratio: float = 0.5, repeats: int = 3) -> dict:
+    """(e): one-shot global pruning in place of ``layers`` Linear(width, width) layers
+    (16 x 8192 x 8192 is about a billion weights, 4.3 GB in float32): time against one read
+    of all weights, and peak extra memory against the model's bytes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.utils.skip_init(nn.Linear, width, width, bias=False) for _ in range(layers)])
+    with torch.no_grad():
+        for m in model:
+            m.weight.uniform_(-1, 1)
+    weights = [m.weight.detach() for m in model]
+    n = sum(w.numel() for w in weights)
+    read = statistics.median(_one_read(weights) for _ in range(repeats))
+    elapsed, extra = peak_extra_rss(lambda: prune_unstructured(model, ratio, inplace=True))
+    zeros = sum(int(w.numel() - torch.count_nonzero(w)) for w in weights)
+    model_bytes = n * weights[0].element_size()
+    return {"layers": layers, "width": width, "weights": n, "ratio": ratio, "zeros": zeros,
+            "exact": zeros == round(ratio * n), "model_mb": model_bytes / 2**20,
+            "one read of all weights (s)": read, "time_s": elapsed, "time / one read": elapsed / read,
+            "peak_extra_mb": extra / 2**20, "peak extra / model bytes": extra / model_bytes}
+
+
+def print_large_inplace(r: dict) -> None:
+    print(f"(e) prune_unstructured(inplace=True), global, ratio {r['ratio']}: {r['layers']} x Linear({r['width']}, "
+          f"{r['width']}) = {r['weights']:,} weights, {r['model_mb']:,.0f} MB")
+    print(f"    {r['time_s']:.2f} s = {r['time / one read']:.1f}x one read of all weights "
+          f"({r['one read of all weights (s)'] * 1e3:.0f} ms); peak extra memory {r['peak_extra_mb']:,.0f} MB = "
+          f"{r['peak extra / model bytes']:.3f} of the model; exact count: {r['exact']}")
 
 
 def print_prune_speed(result: dict) -> None:
@@ -219,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models, few repeats (for tests)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'bc' (default: abcd)")
+    parser.add_argument("--only", default="abcde", help="which parts to run, e.g. 'bc' (default: abcde)")
     parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats of (a)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -261,6 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"(d) GPU part skipped: {results['semi_structured']['skipped']}")
         else:
             _print_rows(f"(d) 2:4 on {results['semi_structured']['gpu']}", results["semi_structured"]["rows"])
+    if "e" in args.only:
+        results["large_inplace"] = bench_large_inplace(*((4, 256) if q else (16, 8192)), repeats=1 if q else 3)
+        print_large_inplace(results["large_inplace"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

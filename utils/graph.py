@@ -5,15 +5,24 @@ must be silenced too), and to cut the next layer's inputs when a unit is removed
 """
 from __future__ import annotations
 
-from torch import fx, nn
+import warnings
 
+from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd
+
+LAYERS = (nn.Linear, _ConvNd)
 # Operations that map a zero channel to a zero channel and keep channels apart.
 ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Hardswish,
-                           nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-                           nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+                           nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
+                           nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 ZERO_PRESERVING_NAMES = {"relu", "relu_", "relu6", "leaky_relu", "tanh", "gelu", "silu", "hardswish",
-                         "dropout", "max_pool2d", "_max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
-                         "adaptive_max_pool2d", "_adaptive_max_pool2d", "contiguous"}
+                         "dropout", "max_pool1d", "max_pool2d", "max_pool3d", "_max_pool2d", "avg_pool1d",
+                         "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                         "adaptive_avg_pool3d", "adaptive_max_pool2d", "_adaptive_max_pool2d", "contiguous"}
+# Uses of a tensor that read only its shape, not its values.
+SHAPE_ONLY_NAMES = {"size", "dim"}
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -32,30 +41,58 @@ def op_name(node: fx.Node) -> str:
     return str(node.target)
 
 
-def following_batchnorms(model: nn.Module) -> dict[str, str]:
-    """Map each Conv2d/Linear to the BatchNorm that alone consumes its output.
+def is_shape_query(node: fx.Node) -> bool:
+    """True for ``x.size(...)``, ``x.dim()`` and ``x.shape``: they do not read the values."""
+    if node.op == "call_method" and node.target in SHAPE_ONLY_NAMES:
+        return True
+    return node.op == "call_function" and op_name(node) == "getattr" and node.args[1:2] == ("shape",)
 
-    Uses the fx graph; if the model cannot be traced, falls back to module order
-    (a BatchNorm right after the layer, with a matching number of features).
+
+def following_batchnorms(model: nn.Module) -> dict[str, str]:
+    """Map each Linear/conv layer to the BatchNorm that alone consumes its output.
+
+    Uses the fx graph. If the model cannot be traced, no BatchNorm is paired (module
+    order would be a guess, and a wrong guess masks the wrong BatchNorm), with a warning.
     """
     modules = dict(model.named_modules())
     found = {}
     try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception:
-        names = list(modules)
-        for a, b in zip(names, names[1:]):
-            if isinstance(modules[a], (nn.Conv2d, nn.Linear)) and isinstance(modules[b], nn.modules.batchnorm._BatchNorm):
-                out = getattr(modules[a], "out_channels", getattr(modules[a], "out_features", None))
-                if modules[b].num_features == out:
-                    found[a] = b
+        graph = trace(model).graph
+    except ValueError as e:
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules.values()):
+            warnings.warn(f"{e}. The BatchNorms after pruned layers are left unmasked, so a pruned unit "
+                          "still outputs the BatchNorm's shift (beta).", stacklevel=3)
         return found
     for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules.get(node.target), (nn.Conv2d, nn.Linear)):
+        if node.op == "call_module" and isinstance(modules.get(node.target), LAYERS):
             users = list(node.users)
             if len(users) == 1 and users[0].op == "call_module" and \
                     isinstance(modules.get(users[0].target), nn.modules.batchnorm._BatchNorm):
                 found[node.target] = users[0].target
+    return found
+
+
+def output_layers(model: nn.Module) -> set[str]:
+    """The Linear/conv layers whose output reaches the model's output without passing through
+    another such layer: their units are the model's outputs (a classifier's classes)."""
+    if isinstance(model, LAYERS):
+        return {""}  # a lone layer: its output is the model's
+    modules = dict(model.named_modules())
+    graph = trace(model).graph
+    found = set()
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), LAYERS):
+            todo, seen = list(node.users), set()
+            while todo:
+                user = todo.pop()
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.op == "output":
+                    found.add(node.target)
+                    break
+                if not (user.op == "call_module" and isinstance(modules.get(user.target), LAYERS)):
+                    todo.extend(user.users)
     return found
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.pruning import effective_weight
+from utils.pruning import effective_weight, select_layers, weight_tensors
 
 
 def use_threads(n: int | None = None) -> int:
@@ -50,23 +50,19 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Dense multiply-accumulates of each Conv2d/Linear layer for one forward pass on ``example``."""
-    macs: dict[str, int] = {}
+    """Dense multiply-accumulates of each Linear/conv layer for one forward pass on ``example``.
 
-    def hook(name: str):
-        def record(m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-            per_output = m.weight[0].numel() if isinstance(m, nn.Conv2d) else m.weight.shape[1]
-            macs[name] = macs.get(name, 0) + out.numel() * per_output  # one MAC per weight per output
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return macs
+    Read from ``torch.utils.flop_counter`` (1 MAC = 2 FLOPs), per module; a layer called
+    twice counts twice.
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    model.train(was_training)
+    prefix = type(model).__name__ + "."
+    flops = {k[len(prefix):]: sum(v.values()) for k, v in counter.get_flop_counts().items() if k.startswith(prefix)}
+    return {name: flops.get(name, 0) // 2 for name in select_layers(model)}
 
 
 def to_csr(weight: torch.Tensor) -> torch.Tensor:
@@ -86,10 +82,12 @@ def csr_bytes(weight: torch.Tensor) -> int:
 
 
 def count_weights(model: nn.Module, nonzero: bool = False) -> int:
-    """Weights of the Conv2d and Linear layers (biases excluded), optionally only the non-zero ones."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Weights of the Linear and conv layers (biases excluded; a tied tensor counts once),
+    optionally only the non-zero ones."""
+    tensors = weight_tensors(model, select_layers(model), inplace=True)
     with torch.no_grad():
-        return sum(int((effective_weight(m) != 0).sum()) if nonzero else effective_weight(m).numel() for m in layers)
+        weights = [effective_weight(t.modules[0]) for t in tensors]
+        return sum(int(torch.count_nonzero(w)) if nonzero else w.numel() for w in weights)
 
 
 def effective_macs(model: nn.Module, example: torch.Tensor) -> float:

@@ -2,9 +2,11 @@
 
 Masks are kept with the reparametrization of :mod:`torch.nn.utils.prune`
 (``weight = weight_orig * weight_mask``, recomputed by a forward pre-hook), so an
-optimizer can never revive a pruned weight. Every public function validates its
-arguments and computes all masks *before* it touches the model: a bad call raises
-and leaves the model exactly as it was.
+optimizer can never revive a pruned weight; ``inplace=True`` instead zeroes the weights
+themselves (one-shot pruning of large models, no mask kept). Every public function
+validates its arguments and computes its whole plan *before* it touches the model: a bad
+call raises and leaves the model exactly as it was. Everything runs on the model's own
+device and dtype.
 """
 from __future__ import annotations
 
@@ -12,16 +14,17 @@ import copy
 import math
 import numbers
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import prune as torch_prune
 
-from utils.graph import following_batchnorms
+from utils.graph import following_batchnorms, output_layers
+from utils.threshold import Buffers, Source, Threshold, chunks, count_ones, keep, kth_smallest, ties_in
 
-PRUNABLE = (nn.Conv2d, nn.Linear)
+PRUNABLE = (nn.Linear, _ConvNd)  # Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d
 SCOPES = ("global", "local")
 
 
@@ -42,13 +45,13 @@ def _check_scope(scope: str) -> str:
 
 
 def select_layers(model: nn.Module, layers: Iterable[str] | str | None = None) -> dict[str, nn.Module]:
-    """The Conv2d/Linear modules to prune, by name: all of them, or the named ones (checked)."""
+    """The Linear and convolution modules to prune, by name: all of them, or the named ones (checked)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
     prunable = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]
     if not prunable:
-        raise ValueError("the model has no Conv2d or Linear layer to prune")
+        raise ValueError("the model has no Linear or convolution layer to prune")
     if layers is None:
         return {n: modules[n] for n in prunable}
     names = [layers] if isinstance(layers, str) else list(layers)
@@ -58,9 +61,10 @@ def select_layers(model: nn.Module, layers: Iterable[str] | str | None = None) -
         if n not in modules:
             raise ValueError(f"unknown layer {n!r}; prunable layers are {prunable}")
         if not isinstance(modules[n], PRUNABLE):
-            raise ValueError(f"layer {n!r} is a {type(modules[n]).__name__}; only Conv2d and Linear are pruned")
+            raise ValueError(f"layer {n!r} is a {type(modules[n]).__name__}; only Linear and convolution "
+                             "layers are pruned")
     if not names:
-        raise ValueError("layers is empty: name at least one Conv2d or Linear layer")
+        raise ValueError("layers is empty: name at least one Linear or convolution layer")
     return {n: modules[n] for n in dict.fromkeys(names)}
 
 
@@ -77,23 +81,85 @@ def effective_weight(module: nn.Module, name: str = "weight") -> Tensor:
     return w if mask is None else w * mask
 
 
+def _raw_weight(module: nn.Module) -> nn.Parameter:
+    return module._parameters.get("weight_orig", module._parameters.get("weight"))
+
+
+@dataclass
+class _Tensor:
+    """One weight tensor to prune and the layers that use it (several when weights are tied)."""
+    names: list[str]
+    modules: list[nn.Module]
+
+    @property
+    def weight(self) -> Tensor:
+        return weight_and_mask(self.modules[0])[0]
+
+    @property
+    def mask(self) -> Tensor | None:
+        return weight_and_mask(self.modules[0])[1]
+
+
+def weight_tensors(model: nn.Module, selected: dict[str, nn.Module], inplace: bool = False) -> list[_Tensor]:
+    """The distinct weight tensors of ``selected``: a tensor shared by several layers counts once.
+
+    A mask on a tensor that a layer outside the selection also reads would leave that layer
+    unmasked, so that is refused (``inplace=True`` zeroes the shared tensor for all users).
+    """
+    groups: dict[int, _Tensor] = {}
+    for name, m in selected.items():
+        groups.setdefault(id(_raw_weight(m)), _Tensor([], [])).names.append(name)
+        groups[id(_raw_weight(m))].modules.append(m)
+    if not inplace:
+        for owner, m in model.named_modules():
+            for attr, p in m._parameters.items():
+                g = groups.get(id(p))
+                if g is not None and owner not in g.names:
+                    raise ValueError(f"the weight of {g.names[0]!r} is shared with {owner}.{attr}, which is not "
+                                     "pruned: a mask would leave it unmasked; select it too, untie the weights, "
+                                     "or use inplace=True")
+    return list(groups.values())
+
+
+def _check_finite(t: _Tensor) -> None:
+    w = t.weight
+    if w.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(w)):
+        raise ValueError(f"layer {t.names[0]!r} has NaN or infinite weights")
+
+
+def _score_dtype(tensors: list[_Tensor]) -> torch.dtype:
+    """float64 if any weight is float64, else float32 (exact for float16 and bfloat16)."""
+    return torch.float64 if any(t.weight.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _magnitude(t: _Tensor, dtype: torch.dtype) -> Source:
+    """The scores of one tensor: |w|, and -1 where an earlier mask pruned it (always first)."""
+    w, mask = t.weight.reshape(-1), t.mask
+    flat_mask = None if mask is None else mask.reshape(-1)
+
+    def score_of(sel: slice | Tensor, out: Tensor | None = None) -> Tensor:
+        x = w[sel]
+        if out is None:
+            s = x.abs().to(dtype)
+        else:
+            s = torch.abs(x, out=out) if x.dtype == dtype else out.copy_(x).abs_()
+        if flat_mask is not None:
+            s.masked_fill_(flat_mask[sel] == 0, -1.0)
+        return s
+    return Source(score_of, w.numel(), dtype, w.device)
+
+
 def smallest_k(scores: Tensor, k: int) -> Tensor:
     """Boolean mask of exactly the ``k`` smallest entries of ``scores``.
 
     Ties at the threshold go to the earliest entries in flat order, so the count is
-    exact and the choice is deterministic.
+    exact and the choice is deterministic. Works on any device, in any float dtype.
     """
-    flat = scores.reshape(-1)
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    # numpy's introselect is several times faster than torch.kthvalue on large CPU tensors
-    theta = torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])
-    chosen = flat <= theta
-    excess = int(torch.count_nonzero(chosen)) - k
-    if excess > 0:  # ties at theta: keep the earliest, release the rest
-        ties = (flat == theta).nonzero().squeeze(1)
-        chosen[ties[len(ties) - excess:]] = False
-    return chosen.view_as(scores)
+    flat = scores.detach().reshape(-1)
+    if not 0 <= k <= flat.numel():
+        raise ValueError(f"k must be between 0 and {flat.numel()}, got {k}")
+    threshold = kth_smallest([Source(lambda sel, out=None: flat[sel], flat.numel(), flat.dtype, flat.device)], k)
+    return ~keep(scores.detach(), threshold, threshold.ties.get(0))
 
 
 def _apply_mask(module: nn.Module, name: str, keep: Tensor) -> None:
@@ -118,58 +184,105 @@ def _apply_mask(module: nn.Module, name: str, keep: Tensor) -> None:
 
 # ----------------------------------------------------------------------------- equation 3.1
 def prune_unstructured(model: nn.Module, ratio: float, scope: str = "global",
-                       layers: Iterable[str] | str | None = None) -> dict[str, Tensor]:
+                       layers: Iterable[str] | str | None = None,
+                       inplace: bool = False) -> dict[str, Tensor] | dict[str, int]:
     """Zero the smallest-magnitude weights so that exactly ``round(ratio * n)`` are zero.
 
     ``n`` counts the selected weights of all layers together (``scope="global"``) or of
-    each layer (``"local"``). Weights pruned earlier stay pruned and count towards the
-    share, so calling this with rising ratios is iterative pruning. Returns the kept-weight
-    masks (bool, 1 = kept) by layer name.
+    each layer (``"local"``); a tensor shared by several layers counts once. Weights pruned
+    earlier stay pruned and count towards the share, so calling this with rising ratios is
+    iterative pruning. Returns the kept-weight masks (bool, 1 = kept) by layer name.
+
+    ``inplace=True`` writes zeros into the weights and keeps no mask (nothing stops training
+    from moving them again): one-shot pruning of models too large for a second copy. The
+    threshold is found chunk by chunk, so extra memory stays a small share of the model's.
+    It returns the number of weights kept per layer instead of masks.
     """
     r, scope = _check_ratio(ratio), _check_scope(scope)
-    selected = select_layers(model, layers)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    tensors = weight_tensors(model, select_layers(model, layers), inplace)
+    if inplace and is_pruned(model):
+        raise ValueError("the model carries pruning masks; make_permanent(model) first, or use inplace=False")
     with torch.no_grad():
-        sizes = [m.weight_orig.numel() if hasattr(m, "weight_orig") else m.weight.numel()
-                 for m in selected.values()]
-        flat = torch.empty(sum(sizes))  # one buffer holds every score: no per-layer copies
-        scores, already, offset = [], [], 0
-        for (lname, m), size in zip(selected.items(), sizes):
-            w, mask = weight_and_mask(m)
-            s = flat[offset:offset + size].view_as(w)
-            offset += size
-            torch.abs(w, out=s)
-            if not torch.isfinite(s.max()):  # NaN and inf both propagate to the max
-                raise ValueError(f"layer {lname!r} has NaN or infinite weights")
-            if mask is not None:
-                s.masked_fill_(mask == 0, -1.0)  # pruned earlier: always among the smallest
-            scores.append(s)
-            already.append(0 if mask is None else int((mask == 0).sum()))
-        if scope == "global":
-            k = round(r * sum(sizes))
-            if sum(already) > k:
-                raise ValueError(f"{sum(already)} weights are already pruned, more than round(ratio * n) = {k}; "
-                                 "pruned weights stay pruned, so the ratio must not fall")
-            gone = smallest_k(flat, k)  # one selection over all layers; scores are views of flat
-            pruned = [gone[o - n:o].view_as(s) for s, n, o in zip(scores, sizes, np.cumsum(sizes))]
-        else:
-            pruned = []
-            for (lname, _), s, size, a in zip(selected.items(), scores, sizes, already):
-                k = round(r * size)
-                if a > k:
-                    raise ValueError(f"layer {lname!r} already has {a} pruned weights, more than "
-                                     f"round(ratio * n) = {k}; pruned weights stay pruned")
-                pruned.append(smallest_k(s, k))
-        masks = {n: ~p for n, p in zip(selected, pruned)}
-        for n, m in selected.items():
-            _apply_mask(m, "weight", masks[n])
-    return masks
+        for t in tensors:
+            _check_finite(t)
+        dtype = _score_dtype(tensors)
+        sources = [_magnitude(t, dtype) for t in tensors]
+        buffers = Buffers()
+        thresholds = _choose_weights(tensors, sources, r, scope, buffers)  # raises before anything changes
+        return _zero_weights(tensors, sources, thresholds, inplace, buffers)
+
+
+def _choose_weights(tensors: list[_Tensor], sources: list[Source], r: float, scope: str,
+                    buffers: Buffers) -> list[Threshold]:
+    """One threshold for all tensors (global) or one per tensor (local), with exact counts."""
+    already = [0 if t.mask is None else int((t.mask == 0).sum()) for t in tensors]
+    if scope == "global":
+        k = round(r * sum(s.n for s in sources))
+        if sum(already) > k:
+            raise ValueError(f"{sum(already)} weights are already pruned, more than round(ratio * n) = {k}; "
+                             "pruned weights stay pruned, so the ratio must not fall")
+        return [kth_smallest(sources, k, buffers)] * len(tensors)
+    thresholds = []
+    for t, source, a in zip(tensors, sources, already):
+        k = round(r * source.n)
+        if a > k:
+            raise ValueError(f"layer {t.names[0]!r} already has {a} pruned weights, more than "
+                             f"round(ratio * n) = {k}; pruned weights stay pruned")
+        thresholds.append(kth_smallest([source], k, buffers))
+    return thresholds
+
+
+def _zero_weights(tensors: list[_Tensor], sources: list[Source], thresholds: list[Threshold],
+                  inplace: bool, buffers: Buffers) -> dict[str, Tensor] | dict[str, int]:
+    """Apply the thresholds chunk by chunk, as masks or (``inplace``) by multiplying by 0/1."""
+    out: dict = {}
+    shared = all(th is thresholds[0] for th in thresholds)
+    for i, (t, src, th) in enumerate(zip(tensors, sources, thresholds)):
+        w, source = t.weight.reshape(-1), i if shared else 0
+        mask = None if inplace else torch.empty(src.n, dtype=w.dtype, device=src.device)
+        kept = 0
+        for sel in chunks(src.n, src.device):
+            s_buf, flags, _ = buffers.get(src, sel.stop - sel.start)
+            if mask is not None and mask.dtype == src.dtype:
+                flags = mask[sel]  # write the 0/1 mask in place
+            flags = keep(src.score_of(sel, out=s_buf), th, ties_in(th, source, sel), out=flags)
+            if inplace:
+                w[sel].mul_(flags)
+                kept += count_ones(flags)
+            elif flags.data_ptr() != mask[sel].data_ptr():
+                mask[sel] = flags
+        for name, m in zip(t.names, t.modules):
+            if inplace:
+                out[name] = kept
+            else:
+                _apply_mask(m, "weight", mask.view_as(t.weight))
+                out[name] = mask.view_as(t.weight).bool()
+    return out
 
 
 # ----------------------------------------------------------------------------- equation 3.2
+def _unit_axis(module: nn.Module) -> int:
+    """The weight axis of the output units: 0, but 1 for a transposed convolution."""
+    if isinstance(module, _ConvTransposeNd):
+        if module.groups != 1:
+            raise ValueError("structured pruning of a grouped ConvTranspose is not supported")
+        return 1
+    return 0
+
+
+def unit_rows(w: Tensor, module: nn.Module) -> Tensor:
+    """The weights as one row per output unit: row ``W_i:`` of a Linear, filter ``i`` of a conv."""
+    axis = _unit_axis(module)
+    return w.movedim(axis, 0).reshape(w.shape[axis], -1)
+
+
 def unit_norms(module: nn.Module, p: float = 2.0) -> Tensor:
-    """The L_p norm of each output unit's weights: row ``W_i:`` of a Linear, filter ``i`` of a Conv2d."""
+    """The L_p norm of each output unit's weights (in float32, or float64 for float64 weights)."""
     w = effective_weight(module)
-    return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), ord=p, dim=1)
+    w = w if w.dtype == torch.float64 else w.float()
+    return torch.linalg.vector_norm(unit_rows(w, module), ord=p, dim=1)
 
 
 def _check_p(p: float) -> float:
@@ -180,26 +293,37 @@ def _check_p(p: float) -> float:
     return float(p)
 
 
+def _default_structured_layers(model: nn.Module) -> list[str]:
+    """Every prunable layer except those whose output is the model's output (the classes)."""
+    try:
+        heads = output_layers(model)
+    except ValueError as e:
+        raise ValueError(f"{e}. Without the graph the output layer is unknown: name layers= explicitly") from None
+    names = [n for n in select_layers(model) if n not in heads]
+    if not names:
+        raise ValueError("every prunable layer produces the model's output; name layers= explicitly")
+    return names
+
+
 def prune_structured(model: nn.Module, ratio: float, scope: str = "local", p: float = 2.0,
                      layers: Iterable[str] | str | None = None) -> dict[str, Tensor]:
-    """Remove whole output units (Linear rows, Conv2d filters) with the smallest L_p norm.
+    """Remove whole output units (Linear rows, conv filters) with the smallest L_p norm.
 
     Prunes exactly ``round(ratio * units)`` units per layer (``"local"``) or over all selected
     layers (``"global"``), but never a layer's last unit. For ``"global"`` each norm is divided
     by the mean norm of the layer's remaining units: raw norms are not comparable across
     layers (initialization scales weights by fan-in, and a BatchNorm after a layer makes its
     weight scale meaningless), so a unit is judged against its own layer's average.
-    By default every Conv2d/Linear except the last (the classifier, whose units are the
-    classes) is pruned. A pruned unit is silenced completely: its weights, its bias, and the
-    BatchNorm that follows it are masked. Returns weight masks (bool, 1 = kept) by layer.
+    By default every layer is pruned except those that produce the model's output (found in
+    the torch.fx graph: their units are the classes). A pruned unit is silenced completely:
+    its weights, its bias, and the BatchNorm that follows it are masked. Returns weight masks
+    (bool, 1 = kept) by layer.
     """
     r, scope, p = _check_ratio(ratio), _check_scope(scope), _check_p(p)
-    if layers is None:
-        names = list(select_layers(model))
-        if len(names) < 2:
-            raise ValueError("the model has only one prunable layer, its classifier; name layers= explicitly")
-        layers = names[:-1]
-    selected = select_layers(model, layers)
+    selected = select_layers(model, _default_structured_layers(model) if layers is None else layers)
+    tensors = weight_tensors(model, selected)
+    if len(tensors) < len(selected):
+        raise ValueError("structured pruning of a weight shared by several layers is not supported")
     with torch.no_grad():
         scores = {name: _unit_scores(name, m, p, normalize=scope == "global") for name, m in selected.items()}
         pruned = _choose_units(scores, r, scope)  # raises before anything is changed
@@ -212,7 +336,8 @@ def _unit_scores(name: str, module: nn.Module, p: float, normalize: bool) -> Ten
     if not torch.isfinite(w).all():
         raise ValueError(f"layer {name!r} has NaN or infinite weights")
     s = unit_norms(module, p)
-    gone = torch.zeros_like(s, dtype=torch.bool) if mask is None else (mask.flatten(1) == 0).all(dim=1)
+    gone = (torch.zeros_like(s, dtype=torch.bool) if mask is None
+            else (unit_rows(mask, module) == 0).all(dim=1))
     if normalize and s[~gone].sum() > 0:
         s = s / s[~gone].mean()  # relative to the layer's average unit
     s[gone] = -1.0
@@ -234,11 +359,11 @@ def _choose_units(scores: dict[str, Tensor], r: float, scope: str) -> dict[str, 
     k = min(round(r * total), total - len(scores))
     if sum(already.values()) > k:
         raise ValueError(f"{sum(already.values())} units are already pruned, more than the {k} asked for")
-    candidates = [s.clone() for s in scores.values()]
+    candidates = [s.clone().cpu() for s in scores.values()]
     for s in candidates:  # the strongest unit of each layer is never a candidate
         s[s.argmax()] = math.inf
     gone = smallest_k(torch.cat(candidates), k)
-    return dict(zip(scores, gone.split([s.numel() for s in candidates])))
+    return {name: g.to(s.device) for (name, s), g in zip(scores.items(), gone.split([s.numel() for s in candidates]))}
 
 
 def _silence_units(model: nn.Module, selected: dict[str, nn.Module], pruned: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -247,7 +372,10 @@ def _silence_units(model: nn.Module, selected: dict[str, nn.Module], pruned: dic
     for name, m in selected.items():
         keep_units = ~pruned[name]
         w, mask = weight_and_mask(m)
-        keep = keep_units.view((-1,) + (1,) * (w.dim() - 1)).expand_as(w).clone()
+        axis = _unit_axis(m)
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        keep = keep_units.view(shape).expand_as(w).clone()
         if mask is not None:
             keep &= mask.bool()
         masks[name] = keep
@@ -272,9 +400,9 @@ def semi_structured_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
     """
     if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
         raise ValueError(f"need integers 0 < n <= m, got n={n!r}, m={m!r}")
-    if weight.shape[-1] % m:
-        raise ValueError(f"the last dimension ({weight.shape[-1]}) must be a multiple of m={m}")
-    groups = weight.detach().abs().reshape(-1, m)
+    if weight.dim() == 0 or weight.shape[-1] % m:
+        raise ValueError(f"the last dimension ({tuple(weight.shape)[-1:]}) must be a multiple of m={m}")
+    groups = weight.detach().abs().reshape(-1, m).float()
     order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
     return keep.view_as(weight)
@@ -282,27 +410,44 @@ def semi_structured_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
 
 # ----------------------------------------------------------------------------- inspection
 def sparsity(model: nn.Module) -> float:
-    """Fraction of the Conv2d/Linear weights that are zero, in [0, 1]."""
+    """Fraction of the weights of all Linear and convolution layers that are zero, in [0, 1].
+
+    A weight tensor shared by several layers is counted once.
+    """
     with torch.no_grad():
-        weights = [effective_weight(m) for m in select_layers(model).values()]
-        return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        zeros = total = 0
+        for t in weight_tensors(model, select_layers(model), inplace=True):
+            w = effective_weight(t.modules[0])
+            zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+        return zeros / total
 
 
-def sparsity_report(model: nn.Module) -> pd.DataFrame:
-    """One row per Conv2d/Linear layer (and a total): shape, weights kept, sparsity, units alive."""
-    rows = []
+def sparsity_report(model: nn.Module):
+    """One row per Linear/convolution layer (and a total): shape, weights kept, sparsity, units alive.
+
+    The total counts a weight tensor shared by several layers once.
+    """
+    import pandas as pd  # only here: the pruning functions do not need it
+
+    rows, seen, n, kept_total = [], set(), 0, 0
     with torch.no_grad():
         for name, m in select_layers(model).items():
             w = effective_weight(m)
             kept = int((w != 0).sum())
-            alive = int((w.reshape(w.shape[0], -1) != 0).any(dim=1).sum())
+            alive = int((unit_rows(w, m) != 0).any(dim=1).sum()) if not _grouped_transpose(m) else None
             rows.append({"layer": name, "type": type(m).__name__, "shape": tuple(w.shape),
                          "weights": w.numel(), "kept": kept, "sparsity": 1 - kept / w.numel(),
-                         "units alive": f"{alive}/{w.shape[0]}"})
-    n, kept = sum(r["weights"] for r in rows), sum(r["kept"] for r in rows)
-    rows.append({"layer": "total", "type": "", "shape": "", "weights": n, "kept": kept,
-                 "sparsity": 1 - kept / n, "units alive": ""})
+                         "units alive": "" if alive is None else f"{alive}/{len(unit_rows(w, m))}"})
+            if id(_raw_weight(m)) not in seen:
+                seen.add(id(_raw_weight(m)))
+                n, kept_total = n + w.numel(), kept_total + kept
+    rows.append({"layer": "total", "type": "", "shape": "", "weights": n, "kept": kept_total,
+                 "sparsity": 1 - kept_total / n, "units alive": ""})
     return pd.DataFrame(rows).set_index("layer").round({"sparsity": 4})
+
+
+def _grouped_transpose(m: nn.Module) -> bool:
+    return isinstance(m, _ConvTransposeNd) and m.groups != 1
 
 
 # ----------------------------------------------------------------------------- housekeeping

@@ -2,16 +2,19 @@
 
 Masks alone save nothing: a zeroed filter is still convolved. :func:`shrink` cuts dead
 units out of their layer *and* cuts the matching inputs of the next layer (and the
-BatchNorm between them), following the model's data flow with ``torch.fx``.
+BatchNorm between them), following the model's data flow with ``torch.fx``. It plans
+every cut first and refuses, with the real reason, a graph it cannot cut correctly.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from utils.graph import first_arg_is, is_flatten, is_zero_preserving, op_name, trace
+from utils.graph import LAYERS, first_arg_is, is_flatten, is_shape_query, is_zero_preserving, op_name, trace
 from utils.pruning import clone_model, make_permanent
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -22,138 +25,191 @@ class UnsupportedGraphError(ValueError):
 
 
 @dataclass
-class _Chain:
-    """Where one layer's output goes: BatchNorms on the way, the layers that read it."""
-    producer: str
-    batchnorms: list[str] = field(default_factory=list)
-    consumers: list[tuple[str, bool]] = field(default_factory=list)  # (name, reads it flattened)
-    blocked: list[str] = field(default_factory=list)  # operations we cannot cut through
+class _Path:
+    """One way a layer's output travels: the BatchNorms on the way, and where it ends."""
+    batchnorms: list[str]
+    end: str                 # a consumer layer's name, "output", or the operation that blocks
+    kind: str                # "consumer", "flat consumer" (after a flatten), "output" or "blocked"
 
 
-def _follow(node: fx.Node, chain: _Chain, modules: dict[str, nn.Module], conv: bool, flat: bool) -> None:
+@dataclass
+class _Plan:
+    """Which rows/columns each layer and BatchNorm keeps."""
+    out_idx: dict[str, Tensor] = field(default_factory=dict)
+    in_idx: dict[str, Tensor] = field(default_factory=dict)
+    bn_idx: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _paths(node: fx.Node, modules: dict[str, nn.Module], conv: bool, flat: bool = False,
+           bns: tuple[str, ...] = ()) -> list[_Path]:
+    """Every path from ``node`` to the next layers, through BatchNorms, activations, pooling, flatten."""
+    paths = []
     for user in node.users:
         m = modules.get(user.target) if user.op == "call_module" else None
+        if is_shape_query(user):
+            continue
         if user.op == "output":
-            chain.blocked.append("output")
-        elif isinstance(m, nn.Conv2d) and conv and not flat and m.groups == 1:
-            chain.consumers.append((user.target, False))
-        elif isinstance(m, nn.Linear) and (flat or not conv):
-            chain.consumers.append((user.target, flat))
+            paths.append(_Path(list(bns), "output", "output"))
+        elif isinstance(m, _ConvNd) and conv and not flat and first_arg_is(user, node):
+            ok = m.groups == 1
+            paths.append(_Path(list(bns), user.target if ok else
+                               f"the grouped convolution {user.target!r} (groups={m.groups})",
+                               "consumer" if ok else "blocked"))
+        elif isinstance(m, nn.Linear) and (flat or not conv) and first_arg_is(user, node):
+            paths.append(_Path(list(bns), user.target, "flat consumer" if flat else "consumer"))
         elif isinstance(m, _BatchNorm) and not flat:
-            chain.batchnorms.append(user.target)
-            _follow(user, chain, modules, conv, flat)
+            paths += _paths(user, modules, conv, flat, bns + (user.target,))
         elif is_zero_preserving(user, modules) and first_arg_is(user, node):
-            _follow(user, chain, modules, conv, flat)
+            paths += _paths(user, modules, conv, flat, bns)
         elif conv and not flat and first_arg_is(user, node) and is_flatten(user, modules):
-            _follow(user, chain, modules, conv, True)
+            paths += _paths(user, modules, conv, True, bns)
         else:
-            chain.blocked.append(op_name(user))
+            name = op_name(user)
+            paths.append(_Path(list(bns), "an addition (a residual connection, say)" if name in ("add", "iadd")
+                               else f"{name!r} ({user.op})", "blocked"))
+    return paths
 
 
-def _dead_units(model_modules: dict[str, nn.Module], chain: _Chain) -> Tensor:
-    """Units whose output is exactly zero after the layer and its BatchNorms (train or eval)."""
-    layer = model_modules[chain.producer]
+def _out_axis(m: nn.Module) -> int:
+    return 1 if isinstance(m, _ConvTransposeNd) else 0
+
+
+def _dead_units(layer: nn.Module, paths: list[_Path], modules: dict[str, nn.Module]) -> Tensor:
+    """Units whose output is exactly zero on every path, after its BatchNorms (train or eval)."""
     w = layer.weight.detach()
-    dead = (w.reshape(w.shape[0], -1) == 0).all(dim=1)
+    rows = w.movedim(_out_axis(layer), 0).reshape(w.shape[_out_axis(layer)], -1)
+    raw = (rows == 0).all(dim=1)
     if layer.bias is not None:
-        dead &= layer.bias.detach() == 0
-    for name in chain.batchnorms:
-        bn = model_modules[name]
-        gamma = bn.weight.detach() if bn.affine else torch.ones(bn.num_features)
-        beta = bn.bias.detach() if bn.affine else torch.zeros(bn.num_features)
-        maps_zero_to_zero = beta == 0
-        if bn.track_running_stats:
-            maps_zero_to_zero &= gamma * bn.running_mean == 0
-        dead = (dead & maps_zero_to_zero) | ((gamma == 0) & (beta == 0))
+        raw &= layer.bias.detach() == 0
+    dead = torch.ones_like(raw)
+    for path in paths:
+        on_path = raw
+        for name in path.batchnorms:
+            bn = modules[name]
+            gamma = bn.weight.detach() if bn.affine else torch.ones_like(raw, dtype=w.dtype)
+            beta = bn.bias.detach() if bn.affine else torch.zeros_like(raw, dtype=w.dtype)
+            maps_zero_to_zero = beta == 0  # train mode: a zero channel normalizes to beta
+            if bn.track_running_stats:  # eval mode: (0 - mean) * gamma / std + beta
+                maps_zero_to_zero &= gamma * bn.running_mean == 0
+            on_path = (on_path & maps_zero_to_zero) | ((gamma == 0) & (beta == 0))
+        dead &= on_path
     if dead.all():
         dead[0] = False  # never leave a layer with no units
     return dead
 
 
-def _cut_conv(m: nn.Conv2d, out_idx: Tensor, in_idx: Tensor) -> nn.Conv2d:
-    new = nn.Conv2d(len(in_idx), len(out_idx), m.kernel_size, m.stride, m.padding, m.dilation,
-                    groups=1, bias=m.bias is not None, padding_mode=m.padding_mode,
-                    device=m.weight.device, dtype=m.weight.dtype)
-    new.weight.data = m.weight.data[out_idx][:, in_idx].clone()
-    if m.bias is not None:
-        new.bias.data = m.bias.data[out_idx].clone()
-    return new
+def _check_cuttable(name: str, paths: list[_Path], dead: Tensor, shared: set[str], calls: list[str]) -> None:
+    blockers = sorted({p.end for p in paths if p.kind == "blocked"})
+    if calls.count(name) > 1:
+        blockers.append(f"{name!r} itself, which is called more than once")
+    blockers += [f"{p.end!r}, which is called more than once" for p in paths
+                 if p.kind != "blocked" and calls.count(p.end) > 1]
+    blockers += [f"{n!r}, whose weight is shared with another module" for n in
+                 [name] + [p.end for p in paths if p.kind != "blocked"] if n in shared]
+    if blockers:
+        raise UnsupportedGraphError(
+            f"cannot cut the {int(dead.sum())} dead units of {name!r}: they reach {', '.join(blockers)}, "
+            "which this surgery does not cut. Torch-Pruning (pip install torch-pruning) cuts such "
+            "dependency graphs; see chapter 6.")
 
 
-def _cut_linear(m: nn.Linear, out_idx: Tensor, in_idx: Tensor) -> nn.Linear:
-    new = nn.Linear(len(in_idx), len(out_idx), bias=m.bias is not None,
-                    device=m.weight.device, dtype=m.weight.dtype)
-    new.weight.data = m.weight.data[out_idx][:, in_idx].clone()
-    if m.bias is not None:
-        new.bias.data = m.bias.data[out_idx].clone()
+def plan_shrink(model: nn.Module) -> _Plan:
+    """Find the dead units of every layer and what to keep; refuses (raises) before any change."""
+    modules = dict(model.named_modules())
+    graph = trace(model).graph
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    owners: dict[int, list[str]] = {}
+    for name, m in modules.items():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(name)
+    shared = {n for names in owners.values() if len(names) > 1 for n in names}
+    plan = _Plan()
+    with torch.no_grad():
+        for node in graph.nodes:
+            layer = modules.get(node.target) if node.op == "call_module" else None
+            if not isinstance(layer, LAYERS):
+                continue
+            paths = _paths(node, modules, conv=isinstance(layer, _ConvNd))
+            dead = _dead_units(layer, paths, modules)
+            if not dead.any() or any(p.kind == "output" for p in paths):
+                continue  # nothing to cut, or the units are the model's outputs (the classes)
+            if isinstance(layer, _ConvNd) and layer.groups != 1:
+                raise UnsupportedGraphError(f"cannot cut the {int(dead.sum())} dead units of the grouped "
+                                            f"convolution {node.target!r} (groups={layer.groups}); "
+                                            "Torch-Pruning handles grouped convolutions (chapter 6)")
+            _check_cuttable(node.target, paths, dead, shared, calls)
+            _plan_layer(plan, node.target, (~dead).nonzero().squeeze(1), paths, modules)
+    return plan
+
+
+def _plan_layer(plan: _Plan, name: str, keep: Tensor, paths: list[_Path], modules: dict[str, nn.Module]) -> None:
+    units = modules[name].weight.shape[_out_axis(modules[name])]
+    plan.out_idx[name] = keep
+    for path in paths:
+        for bn in path.batchnorms:
+            plan.bn_idx[bn] = keep
+        if path.kind == "consumer":
+            plan.in_idx[path.end] = keep
+        else:  # after a flatten, each unit owns the h*w (or l, or d*h*w) columns of its channel
+            per_unit, rest = divmod(modules[path.end].in_features, units)
+            if rest:
+                raise UnsupportedGraphError(f"{path.end!r} has {modules[path.end].in_features} inputs, not a "
+                                            f"multiple of the {units} channels of {name!r}")
+            cols = keep[:, None] * per_unit + torch.arange(per_unit, device=keep.device)
+            plan.in_idx[path.end] = cols.reshape(-1)
+
+
+def _cut_layer(m: nn.Module, rows: Tensor | None, cols: Tensor | None) -> nn.Module:
+    """A copy of a Linear or conv with only output units ``rows`` and inputs ``cols``."""
+    out_axis, in_axis = (1, 0) if isinstance(m, _ConvTransposeNd) else (0, 1)
+    new = copy.deepcopy(m)
+    w = m.weight.detach()
+    if rows is not None:
+        w = w.index_select(out_axis, rows)
+    if cols is not None:
+        w = w.index_select(in_axis, cols)
+    new.weight = nn.Parameter(w.clone(), requires_grad=m.weight.requires_grad)
+    if m.bias is not None and rows is not None:
+        new.bias = nn.Parameter(m.bias.detach()[rows].clone(), requires_grad=m.bias.requires_grad)
+    if isinstance(m, nn.Linear):
+        new.out_features, new.in_features = new.weight.shape
+    else:
+        new.out_channels, new.in_channels = new.weight.shape[out_axis], new.weight.shape[in_axis]
     return new
 
 
 def _cut_batchnorm(bn: _BatchNorm, idx: Tensor) -> _BatchNorm:
-    state = {k: (v[idx].clone() if v.dim() == 1 else v.clone()) for k, v in bn.state_dict().items()}
-    new = type(bn)(len(idx), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                   track_running_stats=bn.track_running_stats)
-    new.load_state_dict(state)
-    return new.to(next(iter(state.values())).device) if state else new
+    """A copy of ``bn`` for the channels ``idx`` only: same dtype, device, mode and frozen flags."""
+    new = copy.deepcopy(bn)
+    new.num_features = len(idx)
+    for name, p in bn.named_parameters(recurse=False):
+        setattr(new, name, nn.Parameter(p.detach()[idx].clone(), requires_grad=p.requires_grad))
+    for name, b in bn.named_buffers(recurse=False):
+        if b is not None and b.dim() == 1:
+            setattr(new, name, b[idx].clone())
+    return new
 
 
 def shrink(model: nn.Module) -> nn.Module:
     """A physically smaller copy of ``model`` with every dead unit cut out.
 
-    A unit is dead when its weights, bias and following BatchNorm all give zero.
-    Follows Conv2d -> BatchNorm -> activation -> pooling -> Conv2d,
-    Conv2d -> flatten -> Linear (each filter owns ``h*w`` columns) and Linear -> Linear.
-    Units that reach the model output (the classes) are kept. Raises
-    :class:`UnsupportedGraphError` when dead units feed anything else, such as a residual
-    addition; Torch-Pruning handles those graphs. The original model is not changed.
+    A unit is dead when its output is exactly zero on every path it takes (its weights and
+    bias are zero, and each BatchNorm on the way maps zero to zero). Follows
+    conv -> BatchNorm -> activation -> pooling -> conv, conv -> flatten -> Linear (each filter
+    owns ``h*w`` columns) and Linear -> Linear, for 1-, 2- and 3-d convolutions. Units that
+    reach the model output (the classes) are kept. Raises :class:`UnsupportedGraphError`,
+    naming the blocker, when dead units feed anything else (a residual addition, a grouped
+    convolution, a concatenation); Torch-Pruning handles those graphs. The copy keeps the
+    original's dtype, device, frozen parameters and train/eval mode; the original is not changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     small = make_permanent(clone_model(model))
     modules = dict(small.named_modules())
-    graph = trace(small).graph
-    calls = [n.target for n in graph.nodes if n.op == "call_module"]
-    out_idx: dict[str, Tensor] = {}
-    in_idx: dict[str, Tensor] = {}
-    bn_idx: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for node in graph.nodes:
-            layer = modules.get(node.target) if node.op == "call_module" else None
-            if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-                continue
-            chain = _Chain(node.target)
-            _follow(node, chain, modules, conv=isinstance(layer, nn.Conv2d), flat=False)
-            dead = _dead_units(modules, chain)
-            if not dead.any():
-                continue
-            shared = [c for c, _ in chain.consumers if calls.count(c) > 1]
-            if chain.blocked and set(chain.blocked) == {"output"}:
-                continue  # the classifier: its units are the model's outputs
-            if chain.blocked or shared or calls.count(node.target) > 1:
-                why = ", ".join(sorted(set(chain.blocked))) or "a layer used more than once"
-                raise UnsupportedGraphError(
-                    f"cannot cut the {int(dead.sum())} dead units of {node.target!r}: its output feeds "
-                    f"{why}, which this surgery does not follow (a residual addition, say). "
-                    "Torch-Pruning (pip install torch-pruning) cuts such dependency graphs; see chapter 6.")
-            keep = (~dead).nonzero().squeeze(1)
-            out_idx[node.target] = keep
-            for bn in chain.batchnorms:
-                bn_idx[bn] = keep
-            for name, flat in chain.consumers:
-                if not flat:
-                    in_idx[name] = keep
-                    continue
-                per_unit, rest = divmod(modules[name].in_features, len(dead))
-                if rest:
-                    raise UnsupportedGraphError(f"{name!r} has {modules[name].in_features} inputs, not a "
-                                                f"multiple of the {len(dead)} channels of {node.target!r}")
-                in_idx[name] = (keep[:, None] * per_unit + torch.arange(per_unit)).reshape(-1)
-        for name in set(out_idx) | set(in_idx):
-            m = modules[name]
-            rows = out_idx.get(name, torch.arange(m.weight.shape[0]))
-            cols = in_idx.get(name, torch.arange(m.weight.shape[1]))
-            cut = _cut_conv if isinstance(m, nn.Conv2d) else _cut_linear
-            small.set_submodule(name, cut(m, rows, cols).train(m.training))
-        for name, idx in bn_idx.items():
-            small.set_submodule(name, _cut_batchnorm(modules[name], idx).train(modules[name].training))
+    plan = plan_shrink(small)
+    for name in set(plan.out_idx) | set(plan.in_idx):
+        small.set_submodule(name, _cut_layer(modules[name], plan.out_idx.get(name), plan.in_idx.get(name)))
+    for name, idx in plan.bn_idx.items():
+        small.set_submodule(name, _cut_batchnorm(modules[name], idx))
     return small

@@ -1,0 +1,204 @@
+"""The exact k-th smallest score over many tensors, without a copy of them all.
+
+Global pruning needs one threshold over every weight of a model. Copying all scores into
+one buffer costs as much memory as the model (gigabytes for a large one). Here scores are
+computed chunk by chunk into one reused buffer: a random sample brackets the k-th value,
+one pass counts the scores below the bracket and gathers the few inside it, and the exact
+value is picked from those. Ties are resolved by position (earliest first), so counts are
+exact and choices are deterministic on every device and dtype.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Scores of the flat positions ``sel`` (a slice or an index tensor) of one tensor; with a
+# slice, written into ``out`` (a buffer of at least that length) and returned as its view.
+ScoreFn = Callable[..., Tensor]
+SMALL = 1 << 17  # up to this many scores, all are looked at at once
+BLOCK = 16  # block length of the two-step nonzero
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Take every score below ``value``, and the tied scores equal to it at ``ties``: for each
+    source, the flat positions to take too (the earliest ties, so that the count is exact)."""
+    value: float
+    ties: dict[int, Tensor]
+
+
+@dataclass(frozen=True)
+class Source:
+    """The scores of one tensor: a function of positions, their number, dtype and device."""
+    score_of: ScoreFn
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def chunk_size(device: torch.device) -> int:
+    """Elements per chunk: a few MB (few ops, little memory)."""
+    return 1 << 22
+
+
+def chunks(n: int, device: torch.device) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)``."""
+    step = chunk_size(device)
+    return (slice(a, min(a + step, n)) for a in range(0, n, step))
+
+
+class Buffers:
+    """Reused chunk-sized buffers (scores and two float 0/1 masks), one set per device and dtype.
+
+    Comparisons written as 0/1 floats and counted with a sum are several times faster on a
+    CPU than boolean masks and ``count_nonzero``.
+    """
+
+    def __init__(self) -> None:
+        self._sets: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def get(self, source: Source, length: int) -> tuple[Tensor, Tensor, Tensor]:
+        key = (source.device, source.dtype)
+        if key not in self._sets or len(self._sets[key][0]) < length:
+            size = max(min(chunk_size(source.device), source.n), length, 1)
+            self._sets[key] = tuple(torch.empty(size, dtype=source.dtype, device=source.device) for _ in range(3))
+        return tuple(b[:length] for b in self._sets[key])
+
+
+def kth_smallest(sources: Sequence[Source], k: int, buffers: Buffers | None = None) -> Threshold:
+    """The threshold that selects exactly the ``k`` smallest scores of all ``sources`` together.
+
+    Memory beyond one chunk is a small share of the scores (the sample and the bracket).
+    """
+    n = sum(s.n for s in sources)
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if k == 0:
+        return Threshold(-math.inf, {})
+    buffers = buffers or Buffers()
+    if n <= SMALL:  # small: look at every score at once
+        return _pick(_gather(sources, -math.inf, math.inf, buffers)[2], k)
+    sample = _sample(sources)
+    q = k / n
+    spread = 4 * math.sqrt(len(sample) * q * (1 - q)) + 2
+    lo_i, hi_i = math.floor(q * len(sample) - spread), math.ceil(q * len(sample) + spread)
+    while True:
+        lo = float(sample[lo_i]) if lo_i >= 0 else -math.inf
+        hi = float(sample[hi_i]) if hi_i < len(sample) else math.inf
+        at_most_lo, below_hi, inside = _gather(sources, lo, hi, buffers)
+        if at_most_lo < k <= below_hi:  # the usual case: the k-th score is strictly inside
+            return _pick(inside, k - at_most_lo)
+        if k > below_hi:  # at hi or above: move the bracket up
+            lo_i, hi_i = hi_i, hi_i + 2 * (hi_i - lo_i)
+        elif (below_lo := _count_below(sources, lo, buffers)) < k:  # exactly lo: take the earliest ties
+            return Threshold(lo, _ties(sources, lo, k - below_lo, buffers))
+        else:  # below lo: move the bracket down
+            lo_i, hi_i = lo_i - 2 * (hi_i - lo_i), lo_i
+
+
+def _pick(found: list[tuple[int, Tensor, Tensor]], rank: int) -> Threshold:
+    """The ``rank``-th smallest of the gathered (source, positions, values), with its ties."""
+    values = torch.cat([v.double().cpu() for _, _, v in found])
+    value = torch.kthvalue(values, rank).values
+    ties_left, ties = rank - int((values < value).sum()), {}
+    for i, pos, v in found:  # in flat order: sources in order, chunks in order
+        if ties_left > 0:
+            at = pos[(v == value).nonzero().squeeze(1)[:ties_left].to(pos.device)]
+            if len(at):
+                ties[i] = torch.cat([ties[i], at]) if i in ties else at
+                ties_left -= len(at)
+    return Threshold(float(value), ties)
+
+
+def _sample(sources: Sequence[Source]) -> Tensor:
+    """A sorted random sample of all scores, drawn in proportion to each source's size; larger
+    for more scores, so that the bracket holds a small share of them."""
+    n = sum(s.n for s in sources)
+    size = min(max(n >> 8, 1 << 15), 1 << 19)
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for s in sources:
+        m = min(s.n, round(size * s.n / n))
+        if m:
+            idx = torch.randint(s.n, (m,), generator=g).to(s.device)
+            parts.append(s.score_of(idx).cpu())
+    return torch.sort(torch.cat(parts).float()).values
+
+
+def _gather(sources: Sequence[Source], lo: float, hi: float,
+            buffers: Buffers) -> tuple[int, int, list[tuple[int, Tensor, Tensor]]]:
+    """Counts of scores <= lo and < hi, and the scores strictly between with their flat
+    positions, as (source index, positions, values) per chunk."""
+    at_most_lo = n_inside = 0
+    found = []
+    for i, src in enumerate(sources):
+        for sel in chunks(src.n, src.device):
+            s, below, above = buffers.get(src, sel.stop - sel.start)
+            s = src.score_of(sel, out=s)
+            torch.gt(s, lo, out=above)
+            at_most_lo += len(s) - count_ones(above)
+            pos = _nonzero(torch.lt(s, hi, out=below).mul_(above))
+            n_inside += len(pos)
+            if len(pos):
+                found.append((i, pos + sel.start, s[pos]))
+    return at_most_lo, at_most_lo + n_inside, found
+
+
+def _count_below(sources: Sequence[Source], value: float, buffers: Buffers) -> int:
+    count = 0
+    for src in sources:
+        for sel in chunks(src.n, src.device):
+            s, below, _ = buffers.get(src, sel.stop - sel.start)
+            count += count_ones(torch.lt(src.score_of(sel, out=s), value, out=below))
+    return count
+
+
+def _ties(sources: Sequence[Source], value: float, wanted: int, buffers: Buffers) -> dict[int, Tensor]:
+    """The flat positions of the first ``wanted`` scores equal to ``value``, per source."""
+    ties = {}
+    for i, src in enumerate(sources):
+        for sel in chunks(src.n, src.device):
+            if wanted == 0:
+                return ties
+            s, equal, _ = buffers.get(src, sel.stop - sel.start)
+            pos = _nonzero(torch.eq(src.score_of(sel, out=s), value, out=equal))[:wanted] + sel.start
+            ties[i] = torch.cat([ties[i], pos]) if i in ties else pos
+            wanted -= len(pos)
+    return ties
+
+
+def count_ones(flags: Tensor) -> int:
+    """The number of ones in a 0/1 vector (float32 sums are exact below 2**24 and fast)."""
+    return int(flags.sum(dtype=torch.float64 if flags.dtype == torch.float64 else torch.float32))
+
+
+def _nonzero(flags: Tensor) -> Tensor:
+    """Positions of the non-zero entries of a 0/1 vector, found block by block: the blocks
+    with any non-zero are picked first with cheap sums, then only they are scanned."""
+    block = BLOCK
+    n = len(flags) - len(flags) % block
+    blocks = flags[:n].view(-1, block).sum(1).nonzero().squeeze(1)
+    inner = flags[:n].view(-1, block)[blocks].nonzero()
+    pos = blocks[inner[:, 0]] * block + inner[:, 1]
+    return torch.cat([pos, flags[n:].nonzero().squeeze(1) + n])
+
+
+def keep(scores: Tensor, threshold: Threshold, ties: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """The entries of ``scores`` that ``threshold`` does not take: bool, or 0/1 in ``out``.
+    ``ties`` are the positions (in this tensor) of the tied entries it takes too."""
+    kept = torch.ge(scores, threshold.value, out=out) if out is not None else scores >= threshold.value
+    if ties is not None and len(ties):
+        kept.view(-1)[ties] = 0
+    return kept
+
+
+def ties_in(threshold: Threshold, source: int, sel: slice) -> Tensor | None:
+    """The tie positions of one source that fall in the chunk ``sel``, relative to its start."""
+    t = threshold.ties.get(source)
+    if t is None:
+        return None
+    return t[(t >= sel.start) & (t < sel.stop)] - sel.start
