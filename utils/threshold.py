@@ -41,8 +41,8 @@ class Source:
 
 
 def chunk_size(device: torch.device) -> int:
-    """Elements per chunk: a few MB (few ops, little memory)."""
-    return 1 << 22
+    """Elements per chunk: about a CPU's cache (measured fastest here), larger on a GPU."""
+    return 1 << 20 if device.type == "cpu" else 1 << 23
 
 
 def chunks(n: int, device: torch.device) -> Iterator[slice]:
