@@ -1,0 +1,247 @@
+"""Wanda, SparseGPT, N:M and structured pruning of the LM: formulas, exact counts, same outputs,
+masks in force, and bad calls that change nothing."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from conftest import same_snapshot, snapshot
+from utils.lm import CharLM, train_lm
+from utils.llm_pruning import (InputStats, capture_inputs, default_layers, l2_scores, nm_mask, prune_llm,
+                               prune_magnitude, prune_sparsegpt, prune_units, prune_wanda, reconstruction_error,
+                               rescale_inputs, row_mask, semi_structured_bytes, shrink_lm, sparsegpt_layer,
+                               taylor_scores, wanda_scores)
+from utils.pruning import effective_weight
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def tiny(device="cpu", dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    m = CharLM(65, **({"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "context": 16} | kw))
+    with torch.no_grad():  # trained-looking scales instead of 0.02 everywhere
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.to(device=device, dtype=dtype)
+
+
+def calib(n=8, device="cpu"):
+    return torch.randint(0, 65, (n, 16), generator=torch.Generator().manual_seed(1)).to(device)
+
+
+# ----------------------------------------------------------------------------- formulas and masks
+def test_wanda_score_equals_the_formula_on_a_hand_made_case():
+    w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    stats = InputStats(2, torch.device("cpu"))
+    stats.add(torch.tensor([[3.0, 0.0], [4.0, 1.0]]))  # column norms 5 and 1
+    assert torch.equal(stats.norms, torch.tensor([5.0, 1.0]))
+    assert torch.equal(wanda_scores(w, stats.norms), torch.tensor([[5.0, 2.0], [15.0, 0.5]]))
+    assert torch.equal(row_mask(wanda_scores(w, stats.norms), 0.5), torch.tensor([[True, False], [True, False]]))
+    assert torch.equal(row_mask(w.abs(), 0.5), torch.tensor([[False, True], [True, False]]))  # magnitude differs
+
+
+@given(rows=st.integers(1, 6), cols=st.integers(1, 20), s=st.floats(0, 0.99), seed=st.integers(0, 99))
+def test_row_mask_prunes_exactly_per_row_and_ties_go_to_the_earliest(rows, cols, s, seed):
+    scores = torch.randint(0, 3, (rows, cols), generator=torch.Generator().manual_seed(seed)).float()
+    keep = row_mask(scores, s)
+    assert ((~keep).sum(1) == round(s * cols)).all()
+    for r in range(rows):  # every pruned score <= every kept one; among equals, earlier pruned first
+        pruned, kept = scores[r][~keep[r]], scores[r][keep[r]]
+        if len(pruned) and len(kept):
+            assert pruned.max() <= kept.min()
+            tie = pruned.max()
+            assert (~keep[r])[scores[r] == tie].int().diff().le(0).all()
+
+
+@given(rows=st.integers(1, 5), groups=st.integers(1, 6), n_m=st.sampled_from([(2, 4), (1, 4), (4, 8), (1, 2)]),
+       seed=st.integers(0, 99))
+def test_nm_masks_keep_exactly_n_of_every_m(rows, groups, n_m, seed):
+    n, m = n_m
+    scores = torch.rand(rows, groups * m, generator=torch.Generator().manual_seed(seed))
+    keep = nm_mask(scores, n, m)
+    assert (keep.view(rows, groups, m).sum(-1) == n).all()
+
+
+def test_semi_structured_bytes():
+    assert semi_structured_bytes(128, 512, 16) * 16 == 128 * 512 * 2 * 9
+    with pytest.raises(ValueError):
+        semi_structured_bytes(4, 6)
+
+
+# ----------------------------------------------------------------------------- SparseGPT
+@given(rows=st.integers(2, 12), cols=st.sampled_from([8, 16, 24, 40]), s=st.sampled_from([0.3, 0.5, 0.7]),
+       nm=st.booleans(), seed=st.integers(0, 10_000))
+def test_sparsegpt_reconstructs_better_than_magnitude(rows, cols, s, nm, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    # activations like a network's: features of different scales, mildly correlated. (With
+    # isotropic inputs, X^T X ~ I, magnitude is already optimal and nothing can beat it.)
+    mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols ** 0.5
+    x = (torch.randn(4 * cols, cols, generator=g) @ mix) * torch.randn(cols, generator=g).exp()
+    stats = InputStats(cols, torch.device("cpu"))
+    stats.add(x)
+    new, keep = sparsegpt_layer(w, stats, None if nm else s, (2, 4) if nm else None, blocksize=16)
+    magnitude = w * (nm_mask(w.abs(), 2, 4) if nm else row_mask(w.abs(), s))
+    assert (new[~keep] == 0).all() and torch.equal((~keep).sum(1), (magnitude == 0).sum(1))
+    assert reconstruction_error(w, new, stats.gram) < reconstruction_error(w, magnitude, stats.gram)
+
+
+def test_sparsegpt_counts_are_exact_per_row_across_uneven_blocks():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(5, 200, generator=g), torch.randn(400, 200, generator=g)
+    stats = InputStats(200, torch.device("cpu"))
+    stats.add(x)
+    for s in (0.3, 0.55, 0.7):
+        _, keep = sparsegpt_layer(w, stats, s, blocksize=128)
+        assert ((~keep).sum(1) == round(s * 200)).all()
+
+
+# ----------------------------------------------------------------------------- whole models
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_llm_exact_counts_and_masks_in_force(device, dtype, criterion):
+    m = tiny(device, dtype)
+    for kw in ({"sparsity": 0.5}, {"nm": (2, 4)}):
+        m = tiny(device, dtype)
+        masks = prune_llm(m, criterion=criterion, calibration=calib(device=device), **kw)
+        assert set(masks) == set(default_layers(m)) and len(masks) == 12
+        for name, mod in m.named_modules():
+            if name in masks:
+                w = effective_weight(mod)
+                assert w.dtype == dtype and w.device.type == device
+                assert ((w == 0).sum(1) >= mod.in_features // 2).all()
+                assert ((~masks[name]).sum(1) == mod.in_features // 2).all()
+                if "nm" in kw:
+                    assert (masks[name].view(mod.out_features, -1, 4).sum(-1) == 2).all()
+        assert torch.isfinite(m(calib(2, device)).float()).all()
+    train_lm(m, torch.randint(0, 65, (500,)), steps=2, batch_size=4, lr=1e-2, warmup=1)
+    assert all(bool((effective_weight(mod)[~masks[n]] == 0).all()) for n, mod in m.named_modules() if n in masks)
+
+
+def test_sequential_calibration_and_per_layer_sparsities():
+    m = tiny()
+    plan = {"blocks.0.fc1": 0.25, "blocks.1.attn.q": 0.75}
+    masks = prune_wanda(m, calib(), sparsity=plan)
+    assert set(masks) == set(plan)
+    assert ((~masks["blocks.0.fc1"]).sum(1) == 8).all() and ((~masks["blocks.1.attn.q"]).sum(1) == 24).all()
+    a, b = tiny(), tiny()  # block 1 is calibrated on block 0's pruned outputs
+    prune_sparsegpt(a, calib(), 0.6)
+    prune_sparsegpt(b, calib(), 0.6, layers=[n for n in default_layers(b) if n.startswith("blocks.1")])
+    assert not torch.equal(a.blocks[1].fc2.weight_mask, b.blocks[1].fc2.weight_mask)
+
+
+def test_rescaling_inputs_preserves_the_function_and_fools_magnitude_but_not_wanda():
+    m, x = tiny(), calib()
+    before = m(x)
+    wanda_before = prune_wanda(tiny(), x, 0.5)
+    magnitude_before = prune_magnitude(tiny(), 0.5)
+    block = m.blocks[0]
+    rescale_inputs(block.ln1, [block.attn.q, block.attn.k, block.attn.v], [3, 7], 50.0)
+    assert torch.allclose(m(x), before, atol=1e-4)
+    r1, r2 = tiny(), tiny()
+    for r in (r1, r2):
+        b = r.blocks[0]
+        rescale_inputs(b.ln1, [b.attn.q, b.attn.k, b.attn.v], [3, 7], 50.0)
+    wanda_after, magnitude_after = prune_wanda(r1, x, 0.5), prune_magnitude(r2, 0.5)
+    q = "blocks.0.attn.q"
+    assert not magnitude_after[q][:, [3, 7]].any() and magnitude_before[q][:, [3, 7]].any()
+    assert (wanda_after[q] == wanda_before[q]).float().mean() > 0.97  # equal up to rounding of the scores
+
+
+BAD_CALLS = [
+    ({"sparsity": 1.5, "criterion": "magnitude"}, "sparsity"),
+    ({"sparsity": 0.5, "criterion": "wanda"}, "calibration"),
+    ({"sparsity": 0.5, "criterion": "obs"}, "criterion"),
+    ({"criterion": "magnitude"}, "exactly one"),
+    ({"nm": (3, 2), "criterion": "magnitude"}, "nm"),
+    ({"nm": (2, 3), "criterion": "magnitude"}, "multiple"),
+    ({"sparsity": 0.5, "criterion": "magnitude", "layers": ["tok"]}, "tok"),
+    ({"sparsity": 0.5, "criterion": "magnitude", "layers": ["nope"]}, "unknown"),
+    ({"sparsity": 0.5, "criterion": "sparsegpt", "calibration": torch.zeros(2, 40, dtype=torch.long)}, "context"),
+    ({"sparsity": {"blocks.0.fc1": 0.5}, "criterion": "magnitude", "layers": ["blocks.0.fc1"]}, "dict"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_CALLS, ids=[m for _, m in BAD_CALLS])
+def test_bad_calls_raise_and_change_nothing(kwargs, match):
+    m = tiny()
+    before = snapshot(m)
+    with pytest.raises((ValueError, TypeError), match=match):
+        prune_llm(m, **kwargs)
+    assert same_snapshot(before, snapshot(m))
+
+
+def test_already_pruned_or_nan_layers_are_refused():
+    m = tiny()
+    prune_magnitude(m, 0.5, layers=["blocks.0.fc1"])
+    before = snapshot(m)
+    with pytest.raises(ValueError, match="already pruned"):
+        prune_wanda(m, calib(), 0.5)
+    assert same_snapshot(before, snapshot(m))
+    m = tiny()
+    with torch.no_grad():
+        m.blocks[1].fc2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        prune_sparsegpt(m, calib(), 0.5)
+
+
+# ----------------------------------------------------------------------------- heads and neurons
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["l2", "taylor"])
+def test_shrunk_model_has_fewer_units_and_the_same_outputs_as_the_masked_one(device, dtype, method):
+    m, x = tiny(device, dtype), calib(device=device)
+    scores = l2_scores(m) if method == "l2" else taylor_scores(m, x[:, :-1], x[:, 1:])
+    assert all(p.grad is None for p in m.parameters())
+    keep = prune_units(m, 0.5, 0.75, scores)
+    assert [int(k.sum()) for k in keep["heads"]] == [2, 2] and [int(k.sum()) for k in keep["neurons"]] == [16, 16]
+    small = shrink_lm(m)
+    assert small.config()["n_heads"] == [2, 2] and small.config()["d_ff"] == [16, 16]
+    assert next(small.parameters()).dtype == dtype and next(small.parameters()).device.type == device
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in tiny().parameters())
+    with torch.no_grad():
+        tol = 1e-4 if dtype == torch.float32 else 0.1
+        assert torch.allclose(small(x).float(), m(x).float(), atol=tol)
+
+
+def test_structured_pruning_never_removes_the_last_unit_and_refuses_bad_scores():
+    m = tiny()
+    keep = prune_units(m, 0.99, 0.99, l2_scores(m))
+    assert all(int(k.sum()) == 1 for k in keep["heads"] + keep["neurons"])
+    small = shrink_lm(m)
+    assert small.config()["n_heads"] == [1, 1]
+    m = tiny()
+    before = snapshot(m)
+    bad = l2_scores(m)
+    bad["heads"][1] = torch.ones(3)
+    with pytest.raises(ValueError, match="heads"):
+        prune_units(m, 0.5, 0.5, bad)
+    with pytest.raises(ValueError, match="head_ratio"):
+        prune_units(m, 1.0, 0.5, l2_scores(m))
+    assert same_snapshot(before, snapshot(m))
+
+
+def test_capture_inputs_counts_every_token():
+    m = tiny()
+    stats = capture_inputs(m, {"blocks.0.fc1": m.blocks[0].fc1}, calib(5), batch_size=2)
+    assert stats["blocks.0.fc1"].count == 5 * 16
+    assert not m.blocks[0].fc1._forward_hooks
+
+
+def test_checks_accept_the_library_and_reject_an_empty_stub():
+    from utils.checks_llm import check_semi_structured_bytes, check_wanda_score
+    from utils.llm_pruning import wanda_scores as lib
+
+    def wanda(weight, inputs):
+        return lib(weight, inputs.reshape(-1, inputs.shape[-1]).float().pow(2).sum(0).sqrt())
+
+    assert check_wanda_score(wanda)
+    assert check_semi_structured_bytes(semi_structured_bytes)
+    assert check_wanda_score(lambda w, x: None).passed == 0
+    # wrong formulas fail: magnitude alone, and the squared norm
+    assert not check_wanda_score(lambda w, x: w.abs())
+    assert not check_wanda_score(lambda w, x: w.abs() * x.reshape(-1, x.shape[-1]).pow(2).sum(0))
+    assert check_semi_structured_bytes(lambda *a: None).passed == 0
