@@ -17,4 +17,7 @@ fi
 # The chapters ran just above; the strict build renders their committed outputs (warnings are errors).
 python scripts/strict_config.py >/dev/null
 jupyter-book build . -W -n --keep-going --config _build/strict_config.yml -q
+# The browser test of the site just built (headless Chromium, installed by .ci/run): pages,
+# links, solutions, launch buttons, search, phone width; screenshots in _build/screenshots/.
+PRUNING_BOOK_SITE=_build/html python -m pytest tests/test_site.py -q -k browser -p no:cacheprovider
 echo "all tests passed in $((SECONDS - start)) s"
