@@ -113,7 +113,7 @@ def add_device_to_train_calls(text: str) -> str:
         row = call.end_lineno - 1
         line = lines[row]
         close = _col(line, call.end_col_offset) - 1  # the closing parenthesis
-        before = line[:close].rstrip()
+        before = "\n".join(lines[:row] + [line[:close]]).rstrip()  # what precedes it, maybe on earlier lines
         if before.endswith("("):
             insert = "device=device"
         elif before.endswith(","):
@@ -121,6 +121,11 @@ def add_device_to_train_calls(text: str) -> str:
         else:
             insert = ", device=device"
         new = line[:close] + insert + line[close:]
+        if not line[:close].strip():  # the parenthesis stands alone: add the argument above it
+            indent = " " * (len(lines[row - 1]) - len(lines[row - 1].lstrip()))
+            lines[row - 1] += "" if before.endswith(",") else ","
+            lines.insert(row, indent + "device=device,")
+            continue
         if len(new) > MAX:  # continue on a new line, aligned after the opening parenthesis
             open_line = lines[call.func.end_lineno - 1]
             indent = " " * (_col(open_line, call.func.end_col_offset) + 1)
