@@ -415,6 +415,9 @@ def test_browser_search_finds_key_terms_with_real_snippets(site, driver):
                 break
             time.sleep(0.25)
         results = results or []
+        errors = _console_errors(driver, base)
+        if errors:
+            problems.append(f"search {term!r}: console: {errors}")
         if not results:
             problems.append(f"search for {term!r} finds nothing")
             continue

@@ -27,16 +27,26 @@
         text += " — " + block.nextElementSibling.textContent;
       return text.replace(/\s+/g, " ").trim();
     };
-    const summary = Search.makeSearchSummary;
+    // Sphinx passes the stemmed terms ("lotteri" for "lottery"): look for each term, then
+    // for it without its last one or two letters; take 240 characters around the first hit.
     Search.makeSearchSummary = (htmlText, keywords, anchor) => {
       const text = Search.htmlToText(htmlText, anchor);
       if (text === "") return null;
       const lower = text.toLowerCase();
-      const found = [...keywords].some((k) => lower.indexOf(k.toLowerCase()) > -1);
-      if (found) return summary(htmlText, keywords, anchor);
+      let at = -1;
+      for (const k of [...keywords].map((k) => k.toLowerCase())) {
+        const edge = /^[a-z0-9]/.test(k) ? "(?<![\\p{L}\\p{N}])" : "";  // none inside Chinese
+        for (let cut = 0; cut <= Math.max(0, Math.min(2, k.length - 3)) && at < 0; cut++) {
+          const stem = k.slice(0, k.length - cut).replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+          at = lower.search(new RegExp(edge + stem, "u"));
+        }
+        if (at > -1) break;
+      }
+      const start = at > 120 ? at - 120 : 0;
       const p = document.createElement("p");
       p.classList.add("context");
-      p.textContent = text.substr(0, 240) + (text.length > 240 ? "..." : "");
+      p.textContent = (start ? "..." : "") + text.substr(start, 240).trim() +
+        (start + 240 < text.length ? "..." : "");
       return p;
     };
   }
