@@ -211,6 +211,9 @@ def driver():
         options.binary_location = binary
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     chromedriver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not Path(chromedriver).exists():
+        pytest.fail("no chromedriver: install Debian's chromium and chromium-driver "
+                    "(.ci/run does: apt-get install chromium chromium-driver fonts-wqy-zenhei)")
     drv = webdriver.Chrome(service=Service(chromedriver), options=options)
     drv.set_page_load_timeout(60)
     yield drv
