@@ -11,8 +11,8 @@ exercise. Each copy is generated from its chapter and differs only where Colab n
 * solutions are collapsed: each solution code cell and answer key becomes a Colab form cell
   (``#@title`` first line, ``cellView: form``), whose content shows on a double-click; the
   directive fences around them are dropped;
-* citations become text, "(Han et al., 2015)", and a "References" cell at the end lists the
-  works cited, with a link to the book's bibliography;
+* citations become text linked to the book's bibliography page, "[(Han et al., 2015)](...)",
+  and a "References" cell at the end lists the works cited;
 * other roles and directives become plain Markdown (``{term}`x``` -> x, admonitions -> quotes);
 * a cell that fails on purpose (tag ``raises-exception``) gets a note saying how to go on;
 * outputs are cleared; the Colab set-up cell stays first; other ``remove-cell`` cells go.
@@ -101,24 +101,31 @@ def reference_line(entry: dict) -> str:
 
 # --- Markdown ----------------------------------------------------------------------------------
 
-def cite_text(role: str, keys: str, bib: dict, cited: list[str]) -> str:
+def cite_text(role: str, keys: str, bib: dict, cited: list[str], before: str = "",
+              link: str = "") -> str:
+    """A citation as author-year text, linked to the bibliography when ``link`` is given.
+    After its own authors ("Han et al. {cite}`han2015learning`") only the year is added."""
     parts = []
     for key in [k.strip() for k in keys.split(",") if k.strip()]:
         if key not in cited:
             cited.append(key)
         who, year = author_year(bib[key]) if key in bib else (key, "")
         parts.append((who, year))
-    if role.endswith(":t"):
-        return "; ".join(f"{who} ({year})" for who, year in parts)
-    return "(" + "; ".join(f"{who}, {year}" for who, year in parts) + ")"
+    if len(parts) == 1 and before.rstrip().endswith(parts[0][0]):
+        text = f"({parts[0][1]})"
+    elif role.endswith(":t"):
+        text = "; ".join(f"{who} ({year})" for who, year in parts)
+    else:
+        text = "(" + "; ".join(f"{who}, {year}" for who, year in parts) + ")"
+    return f"[{text}]({link})" if link else text
 
 
-def plain_roles(text: str, bib: dict, cited: list[str]) -> str:
+def plain_roles(text: str, bib: dict, cited: list[str], link: str = "") -> str:
     """MyST roles -> text: citations as author-year, {term}/{ref}/{doc}... as their text."""
     def role(m):
         name, body = m.group(1), m.group(2)
         if name.startswith("cite"):
-            return cite_text(name, body, bib, cited)
+            return cite_text(name, body, bib, cited, m.string[:m.start()], link)
         if name == "math":
             return f"${body}$"
         shown = re.match(r"^(.*?)\s*<[^<>]+>$", body, re.S)
@@ -239,6 +246,7 @@ def colab_notebook(nb, name: str, bib: dict, config: dict) -> nbformat.NotebookN
     """The Colab copy of one chapter (``nb`` is not changed)."""
     out = copy.deepcopy(nb)
     cited: list[str] = []
+    link = bibliography_url(config)
     cells = []
     for cell in out.cells:
         tags = cell.metadata.get("tags", [])
@@ -255,7 +263,7 @@ def colab_notebook(nb, name: str, bib: dict, config: dict) -> nbformat.NotebookN
                 cells.append(_form_cell(f"Solution to exercise {number} (double-click to show)",
                                         source, cell))
                 continue
-            text = plain_directives(plain_roles(strip_solution_fences(source), bib, cited))
+            text = plain_directives(plain_roles(strip_solution_fences(source), bib, cited, link))
             if not text.strip():
                 continue  # only the dropdown's fences
             body = "\n".join("# " + line if line else "#" for line in text.splitlines())
@@ -265,7 +273,7 @@ def colab_notebook(nb, name: str, bib: dict, config: dict) -> nbformat.NotebookN
         if cell.cell_type == "markdown":
             if "exercise" in tags:
                 source = convert_exercise(source, label)
-            cell.source = plain_directives(plain_roles(source, bib, cited))
+            cell.source = plain_directives(plain_roles(source, bib, cited, link))
             cells.append(cell)
             continue
         if "raises-exception" in tags:

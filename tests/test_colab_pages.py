@@ -78,6 +78,8 @@ def test_markdown_conversions():
         "as shown (Han et al., 2015) and LeCun and Denker (1990); sparsity.")
     assert cited == ["han2015learning", "lecun1990optimal"]
     assert colab_pages.plain_roles("{term}`masks <mask>`", bib, []) == "masks"
+    linked = colab_pages.plain_roles("Han et al. {cite}`han2015learning`", bib, [], "https://b")
+    assert linked == "Han et al. [(2015)](https://b)"
     ex = "````{exercise-start}\n:label: ex-41-2\n````\nDo it.\n````{exercise-end}\n````"
     assert colab_pages.convert_exercise(ex, "ex-41-2") == "### Exercise 4.1.2\n\nDo it."
     note = "```{note}\nRead this.\n```\n(my-target)=\n$$ x $$ (eq-1)"
