@@ -284,7 +284,10 @@ def test_browser_every_page_loads_cleanly(site, driver):
             out.searchBars = [...document.querySelectorAll(
                 '.search-button-field, .bd-search, form.bd-search')]
                 .filter((el) => visible(el) && !el.closest('.search-button__wrapper')).length;
-            out.math = document.querySelectorAll('.math, span.math, div.math').length;
+            const math = [...document.querySelectorAll('span.math, div.math')];
+            out.math = math.length;  // TeX that MathJax (from its CDN) typesets: \( \) or \[ \]
+            out.badMath = math.filter((el) => !/^\s*(\\\(|\\\[)[^]*(\\\)|\\\])\s*$/
+                .test(el.textContent)).map((el) => el.textContent.slice(0, 40));
             out.mathScript = [...document.scripts].some((s) => /mathjax/i.test(s.src));
             return out;""")
         if report["errors"]:
@@ -294,6 +297,8 @@ def test_browser_every_page_loads_cleanly(site, driver):
             problems.append(f"{page}: local paths in outputs: {sorted(set(report['paths']))[:5]}")
         if report["searchBars"] > 1:
             problems.append(f"{page}: {report['searchBars']} search bars")
+        if report["badMath"]:
+            problems.append(f"{page}: math without MathJax delimiters: {report['badMath'][:3]}")
         if report["math"] and not report["mathScript"]:
             problems.append(f"{page}: math markup but no MathJax script")
     assert not problems, "\n".join(problems)
@@ -334,6 +339,7 @@ def test_browser_no_broken_local_link_or_image(site, driver):
                 ids_cache[path] = set(re.findall(rb'id="([^"]+)"', body))
             if urllib.parse.unquote(fragment).encode() not in ids_cache[path]:
                 problems.append(f"{page}: no anchor #{fragment} in {path}")
+    print(f"{len(targets)} local links and assets checked on {len(_pages(root))} pages")
     assert len(targets) > 50
     assert not problems, "\n".join(problems[:30])
 
