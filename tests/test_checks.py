@@ -1,10 +1,18 @@
-"""Every exercise check passes a right answer and fails a wrong one (a check that cannot fail is no check)."""
+"""Every exercise check passes a right answer, fails wrong ones, and fails the empty stub on every
+case (a check that cannot fail is no check); the utils function an exercise asks for is blocked."""
+import copy
+import inspect
+import math
+
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 
-from utils import checks
-from utils.pruning import semi_structured_mask, smallest_k
+from utils import checks, measure, pruning
+from utils.pruning import prune_structured, prune_unstructured, semi_structured_mask, smallest_k
+from utils.surgery import shrink
+from utils.training import train
 
 
 def shrink_pair(fc1, fc2, keep):
@@ -15,66 +23,169 @@ def shrink_pair(fc1, fc2, keep):
     return a, b
 
 
-def rewind(model, init):
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if hasattr(m, "weight_orig"):
-                m.weight_orig.copy_(init[name + ".weight"])
-                m.bias.copy_(init[name + ".bias"])
-
-
 def best_config(rows, min_accuracy, max_latency):
     ok = [r for r in rows if r["accuracy"] >= min_accuracy and r["latency"] <= max_latency]
-    return min(ok, key=lambda r: r["params"])["name"] if ok else None
+    return min(ok, key=lambda r: r["params"])["name"] if ok else "none"
 
 
 def n_weights(model):
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
-CASES = {  # check: (right answer, wrong answer)
-    "check_sparsity": (lambda t: float((t == 0).float().mean()), lambda t: float((t != 0).float().mean())),
-    "check_row_norms": (lambda w, p: torch.linalg.vector_norm(w.flatten(1), ord=p, dim=1),
-                        lambda w, p: torch.linalg.vector_norm(w.flatten(1), ord=2, dim=1)),
-    "check_unstructured_mask": (lambda w, r: ~smallest_k(w.abs(), round(r * w.numel())),
-                                lambda w, r: w.abs() > w.abs().flatten().quantile(r)),
-    "check_count_weights": (n_weights, lambda m: sum(p.numel() for p in m.parameters())),
-    "check_model_megabytes": (lambda n, b: n * b / 8 / 1e6, lambda n, b: n * b / 1e6),
-    "check_conv_macs": (lambda ci, co, k, h, w: ci * co * k * k * h * w, lambda ci, co, k, h, w: ci * co * k * k),
-    "check_compression_ratio": (lambda s: 1 / (1 - s), lambda s: 1 - s),
-    "check_local_counts": (lambda sizes, r: [round(r * n) for n in sizes], lambda sizes, r: [int(r * n) + 1 for n in sizes]),
+def mlp_widths(budget_mb, bits):
+    n = budget_mb * 1e6 * 8 / bits
+    h2 = 10
+    h1 = int((0.95 * n - 11 * h2 - 10 * 11) / (785 + h2))  # aim at 95 % of the budget
+    return h1, h2
+
+
+def allocation(sizes, macs, total):
+    s, left = [0.0] * len(sizes), total * sum(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -macs[i] / sizes[i]):
+        take = min(0.95 * sizes[i], left)
+        s[i], left = take / sizes[i], left - take
+    return s
+
+
+def rowwise_mask(w, ratio):
+    rows = w.reshape(w.shape[0], -1).abs()
+    keep = torch.ones_like(rows, dtype=torch.bool)
+    k = round(ratio * rows.shape[1])
+    order = torch.argsort(rows, dim=1, stable=True)[:, :k]
+    return keep.scatter_(1, order, False).view_as(w)
+
+
+def prune_finetune(model, loader, ratio):
+    prune_unstructured(model, ratio)
+    train(model, loader, epochs=3, lr=0.02, progress=False)
+    return model
+
+
+def safe_ratio(model, val, budget):
+    dense = checks.toy_accuracy(model, val)
+    best = 0.0
+    for i in range(1, 20):
+        m = copy.deepcopy(model)
+        prune_unstructured(m, i / 20)
+        if checks.toy_accuracy(m, val) >= dense - budget:
+            best = i / 20
+    return best
+
+
+def macs_budget(model, loader, budget):
+    h = int(-7 + (49 + 0.95 * budget) ** 0.5)  # MACs of 10-h-h-4: 10h + h*h + 4h
+    prune_structured(model, (64 - h) / 64)
+    train(model, loader, epochs=3, lr=0.02, progress=False)
+    return shrink(model)
+
+
+def csr_break_even(rows, cols):
+    return (4 * rows * cols - 8 * (rows + 1)) / (12 * rows * cols)
+
+
+def halve_macs(model, example):
+    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=0.3, ignored_layers=[model.fc])
+    pruner.step()
+    return model
+
+
+def mask_2_4(w):
+    groups = w.abs().reshape(-1, 4)
+    top2 = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :2]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top2, True).view_as(w)
+
+
+def overlap(a, b):
+    a, b = a.bool(), b.bool()
+    either = int((a | b).sum())
+    return float((a & b).sum()) / either if either else 1.0
+
+
+def gradual(model, loader, final, epochs):
+    total = epochs * len(loader)
+    ramp = int(0.7 * total)
+
+    def step(t):
+        if t % 5 == 0 or t == ramp:
+            prune_unstructured(model, round(final * (1 - (1 - min(t, ramp) / ramp) ** 3), 6))
+    train(model, loader, epochs=epochs, lr=0.05, on_step=step, progress=False)
+    return model
+
+
+def compression_budget(model, loader):
+    prune_unstructured(model, 0.8)
+    train(model, loader, epochs=3, lr=0.02, progress=False)
+    return model, 8
+
+
+def wrong_cheap_train(model, loader, ratio):  # prunes but never fine-tunes
+    prune_unstructured(model, ratio)
+    return model
+
+
+CASES = {  # check: (right answer, [wrong answers])
+    "check_count_weights": (n_weights, [lambda m: sum(p.numel() for p in m.parameters()),
+                                        lambda m: sum(p.numel() for p in m.parameters() if p.dim() > 1),
+                                        measure.count_weights]),
+    "check_model_megabytes": (lambda n, b: n * b / 8 / 1e6, [lambda n, b: n * b / 1e6, lambda n, b: n * b / 8 / 2 ** 20]),
+    "check_conv_macs": (lambda ci, co, k, h, w: ci * co * k * k * h * w,
+                        [lambda ci, co, k, h, w: ci * co * k * k,
+                         lambda ci, co, k, h, w: measure.count_flops(nn.Conv2d(ci, co, k), torch.zeros(1, ci, h + k - 1, w + k - 1)) // 2]),
+    "check_mlp_widths": (mlp_widths, [lambda b, bits: (300, 100), lambda b, bits: (10, 20),
+                                      lambda b, bits: tuple(x * 2 for x in mlp_widths(b, bits))]),
+    "check_sparsity": (lambda t: float((t == 0).float().mean()), [lambda t: float((t != 0).float().mean()),
+                                                                   lambda t: (t == 0).float().mean()]),
+    "check_local_counts": (lambda sizes, r: [round(r * n) for n in sizes],
+                           [lambda sizes, r: [int(r * n) + 1 for n in sizes], lambda sizes, r: round(r * sum(sizes))]),
     "check_theoretical_speedup": (lambda m, d: sum(m) / sum(a * b for a, b in zip(m, d)),
-                                  lambda m, d: 1 / (sum(d) / len(d))),
-    "check_structured_mask": (lambda w, r, p: ~smallest_k(w.flatten(1).norm(p=p, dim=1), round(r * w.shape[0])),
-                              lambda w, r, p: ~smallest_k(w.flatten(1).norm(p=p, dim=0)[: w.shape[0]], round(r * w.shape[0]))),
+                                  [lambda m, d: 1 / (sum(d) / len(d))]),
+    "check_sparsity_allocation": (allocation, [lambda sizes, macs, t: [t] * len(sizes),
+                                               lambda sizes, macs, t: allocation(sizes, [n * n for n in sizes], t)]),
+    "check_rowwise_mask": (rowwise_mask, [lambda w, r: ~smallest_k(w.abs(), round(r * w.numel())),
+                                          lambda w, r: w.abs() > w.abs().flatten(1).quantile(r, dim=1).view(-1, *[1] * (w.dim() - 1))]),
+    "check_prune_finetune": (prune_finetune, [wrong_cheap_train, lambda m, l, r: m]),
+    "check_share_at_threshold": (lambda w, t: float((w.abs() <= t).float().mean()),
+                                 [lambda w, t: float((w.abs() < t).float().mean()), lambda w, t: float((w <= t).float().mean())]),
+    "check_total_sparsity": (lambda sizes, r: sum(n * r.get(k, 0.0) for k, n in sizes.items()) / sum(sizes.values()),
+                             [lambda sizes, r: sum(r.values()) / len(r), lambda sizes, r: sum(r.values()) / len(sizes)]),
     "check_global_threshold": (
         lambda ws, r: float(torch.cat(ws).abs().kthvalue(max(1, round(r * sum(w.numel() for w in ws)))).values),
-        lambda ws, r: float(torch.cat(ws).abs().quantile(r))),
+        [lambda ws, r: float(torch.cat(ws).abs().quantile(r))]),
     "check_geometric_schedule": (lambda s, n: [1 - (1 - s) ** (i / n) for i in range(1, n + 1)],
-                                 lambda s, n: [s * i / n for i in range(1, n + 1)]),
-    "check_regrown": (lambda w, m: int(((m == 0) & (w != 0)).sum()), lambda w, m: int((w != 0).sum())),
-    "check_dead_units": (lambda w: int((w.flatten(1) == 0).all(1).sum()), lambda w: int((w == 0).all(0).sum())),
-    "check_flatten_columns": (lambda k, hw: (k[:, None] * hw + torch.arange(hw)).flatten(), lambda k, hw: k),
-    "check_shrink_linear_pair": (shrink_pair, lambda a, b, k: (a, b)),
-    "check_csr_bytes": (lambda r, c, nnz: 4 * nnz + 8 * nnz + 8 * (r + 1), lambda r, c, nnz: 4 * nnz),
-    "check_break_even": (lambda t: min((s for s, r in t.items() if r < 1), default=None),
-                         lambda t: max((s for s, r in t.items() if r < 1), default=None)),
-    "check_modelled_energy": (lambda m, w, c: (m * 4.6 + w * (5 if c else 640)) / 1e6, lambda m, w, c: (m * 4.6 + w * 640) / 1e6),
-    "check_relative_amount": (lambda c, t: (t - c) / (1 - c), lambda c, t: t - c),
+                                 [lambda s, n: [s * i / n for i in range(1, n + 1)]]),
+    "check_regrown": (lambda w, m: int(((m == 0) & (w != 0)).sum()), [lambda w, m: int((w != 0).sum())]),
+    "check_safe_ratio": (safe_ratio, [lambda m, v, b: 0.95, lambda m, v, b: 0.0]),
+    "check_dead_units": (lambda w: int((w.flatten(1) == 0).all(1).sum()), [lambda w: int((w == 0).all(0).sum())]),
+    "check_flatten_columns": (lambda k, hw: (k[:, None] * hw + torch.arange(hw)).flatten(), [lambda k, hw: k]),
+    "check_shrink_linear_pair": (shrink_pair, [lambda a, b, k: (a, b)]),
+    "check_macs_budget": (macs_budget, [lambda m, l, b: m, lambda m, l, b: shrink(_silenced(m, 0.75))]),
+    "check_csr_bytes": (lambda r, c, nnz: 4 * nnz + 8 * nnz + 8 * (r + 1), [lambda r, c, nnz: 4 * nnz]),
+    "check_break_even": (lambda t: min((s for s, r in t.items() if r < 1), default=math.inf),
+                         [lambda t: max((s for s, r in t.items() if r < 1), default=math.inf),
+                          lambda t: min((s for s, r in t.items() if r <= 1), default=math.inf)]),
+    "check_modelled_energy": (lambda m, w, c: (m * 4.6 + w * (5 if c else 640)) / 1e6, [lambda m, w, c: (m * 4.6 + w * 640) / 1e6]),
+    "check_csr_storage_break_even": (csr_break_even, [lambda r, c: 1 / 3, lambda r, c: 2 / 3]),
+    "check_relative_amount": (lambda c, t: (t - c) / (1 - c), [lambda c, t: t - c]),
     "check_pruned_tensor_names": (
         lambda m: sorted(n[:-5] for n, _ in m.named_buffers(recurse=False) if n.endswith("_mask")),
-        lambda m: ["weight"]),
-    "check_semi_structured_mask": (semi_structured_mask, lambda w: w.abs() >= w.abs().median()),
-    "check_cubic_schedule": (lambda t, n, f, i: f + (i - f) * (1 - min(t, n) / n) ** 3, lambda t, n, f, i: f * t / n),
-    "check_layer_ratios": (
-        lambda scan, d, b: {k: max([r for r, a in v.items() if a >= d - b - 1e-12], default=0.0) for k, v in scan.items()},
-        lambda scan, d, b: {k: max(v) for k, v in scan.items()}),
-    "check_rewind": (rewind, lambda model, init: None),
+        [lambda m: ["weight"], lambda m: sorted(n[:-5] for n, _ in m.named_buffers() if n.endswith("_mask"))]),
+    "check_semi_structured_mask": (mask_2_4, [lambda w: w.abs() >= w.abs().median(), semi_structured_mask]),
+    "check_halve_macs": (halve_macs, [lambda m, e: m]),
+    "check_mask_overlap": (overlap, [lambda a, b: float((a.bool() & b.bool()).float().mean())]),
+    "check_gradual_pruning": (gradual, [lambda m, l, f, e: (prune_unstructured(m, f), m)[1]]),
     "check_int8": (lambda w: (torch.round(w / (w.abs().max() / 127)).clamp(-127, 127).to(torch.int8), float(w.abs().max()) / 127),
-                   lambda w: (torch.round(w * 127).to(torch.int8), 1 / 127)),
-    "check_combined_compression": (lambda s, b: 32 / b / (1 - s), lambda s, b: 1 / (1 - s)),
-    "check_best_config": (best_config, lambda rows, a, t: rows[0]["name"]),
+                   [lambda w: (torch.round(w * 127).to(torch.int8), 1 / 127)]),
+    "check_combined_compression": (lambda s, b: 32 / b / (1 - s), [lambda s, b: 1 / (1 - s)]),
+    "check_best_config": (best_config, [lambda rows, a, t: rows[0]["name"],
+                                        lambda rows, a, t: (best_config(rows, a, t) if best_config(rows, a, t) != "none" else None)]),
+    "check_compression_budget": (compression_budget, [lambda m, l: (m, 8), lambda m, l: (prune_finetune(m, l, 0.8), 16)]),
 }
+
+
+def _silenced(model, ratio):
+    prune_structured(model, ratio)
+    return model
 
 
 def test_every_check_is_covered():
@@ -83,13 +194,39 @@ def test_every_check_is_covered():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_right_passes_wrong_fails(name, capsys):
-    right, wrong = CASES[name]
+def test_right_passes_wrong_fails_stub_fails_every_case(name, capsys):
+    right, wrongs = CASES[name]
     check = getattr(checks, name)
     verdict = check(right)
-    assert bool(verdict) is True and repr(verdict).startswith("all ")
-    assert not check(wrong)
-    stub = check(lambda *a: None)  # an unfinished stub fails too, without crashing
-    assert not stub and "fix the FAIL lines" in repr(stub)
     out = capsys.readouterr().out
-    assert "FAIL" in out and "pass" in out
+    assert bool(verdict) is True and repr(verdict).startswith("all "), out
+    for wrong in wrongs:
+        assert not check(wrong)
+    for stub in (lambda *a: None, lambda *a: 1 / 0):  # the empty stub, and one that raises
+        verdict = check(stub)
+        assert verdict.passed == 0 and "fix the FAIL lines" in repr(verdict)
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "got None: does your function `return` its result?" in out
+
+
+def test_forbidden_blocks_every_alias_and_restores():
+    from utils.measure import count_weights as alias
+    model = nn.Linear(3, 2)
+    with checks.forbidden(measure.count_weights):
+        with pytest.raises(RuntimeError, match="write it yourself"):
+            alias(model)
+    assert alias(model) == 6
+
+
+def test_forbidden_functions_are_plain():
+    """Only plain functions (no closure) can be blocked by swapping their code."""
+    for f in (measure.count_weights, measure.count_params, measure.count_flops, measure.layer_macs,
+              measure.effective_macs, measure.csr_bytes, measure.to_csr, smallest_k, pruning.prune_unstructured,
+              pruning.prune_structured, semi_structured_mask, shrink):
+        assert inspect.isfunction(f) and f.__closure__ is None, f
+
+
+def test_no_case_expects_none():
+    """A stub returning None must never pass: run every check with a stub and count the passes."""
+    for name in CASES:
+        assert getattr(checks, name)(lambda *a: None).passed == 0, name

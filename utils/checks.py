@@ -1,30 +1,116 @@
 """Automatic checks for the exercises: run the reader's function on fixed small inputs.
 
 Each ``check_*`` prints one line per case and returns a :class:`Verdict`: true when every
-case passes (so a cell can ``assert`` it), shown as a one-line summary in a notebook. The expected answers come from
-:mod:`utils.pruning`, never from typed-in numbers.
+case passes (so a cell can ``assert`` it), shown as a one-line summary in a notebook. Expected
+answers come from :mod:`utils` or from plain tensor operations inside the check, never from
+typed-in numbers. Three rules make the checks hard to fool:
+
+- a function that returns ``None`` or raises never passes a case (no case expects ``None``);
+- while the reader's function runs, the ``utils`` functions that the exercise asks the reader
+  to write are blocked (calling them raises and fails the case);
+- design and experiment exercises are judged by measuring the reader's result (sparsity, MACs,
+  bytes, accuracy on a held-out set) against a stated tolerance.
+
+A FAIL line says in words what was expected and what came back.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from utils import energy, measure, pruning, surgery
 from utils.pruning import smallest_k
+
+Judge = Callable[[Any], "str | None"]
+
+
+# ----------------------------------------------------------------------------- machinery
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    text = repr(x)
+    return text if len(text) <= 80 else f"a {type(x).__name__} ({text[:60]}...)"
+
+
+def _compare(got: Any, want: Any, atol: float) -> str | None:
+    """``None`` when ``got`` matches ``want``; otherwise what is wrong, in words."""
+    if isinstance(got, _Reason):
+        return got.text
+    if got is None:
+        return "got None: does your function `return` its result?"
+    if callable(want) and not isinstance(want, (Tensor, type)):
+        return want(got)
+    if isinstance(want, Tensor):
+        if not isinstance(got, Tensor):
+            return f"expected {_describe(want)}, got {_describe(got)}"
+        if got.shape != want.shape:
+            return f"expected shape {tuple(want.shape)}, got shape {tuple(got.shape)}"
+        if want.dtype == torch.bool:
+            wrong = int((got.bool() != want).sum())
+            return None if wrong == 0 else f"{wrong} of {want.numel()} entries differ from the expected mask"
+        if got.is_complex() or not torch.allclose(got.detach().double(), want.double(), atol=atol, rtol=0):
+            worst = float((got.detach().double() - want.double()).abs().max()) if not got.is_complex() else math.inf
+            return f"values differ from the expected ones by up to {worst:.3g} (tolerance {atol:g})"
+        return None
+    if isinstance(want, float):
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            return f"expected a number ({want:.6g}), got {_describe(got)}"
+        if math.isinf(want):
+            return None if got == want else f"expected {want} (math.inf), got {got!r}"
+        return None if abs(got - want) <= atol else f"expected {want:.6g}, got {got:.6g}"
+    if isinstance(want, int) and not isinstance(want, bool):
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or got != want:
+            return f"expected {want}, got {_describe(got)}"
+        return None
+    if type(got) is not type(want) or got != want:
+        return f"expected {_describe(want)}, got {_describe(got)}"
+    return None
+
+
+class _Reason:
+    """Returned by a check's wrapper in place of a result: fails the case with this text."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _unwrap(out: Any) -> Any:
+    return _Reason(out) if isinstance(out, str) else out
 
 
 def _same(got: Any, want: Any, atol: float) -> bool:
-    if isinstance(want, Tensor):
-        if not isinstance(got, Tensor) or got.shape != want.shape:
-            return False
-        if want.dtype == torch.bool:
-            return bool(torch.equal(got.bool(), want))
-        return bool(torch.allclose(got.double(), want.double(), atol=atol, rtol=0))
-    if isinstance(want, float):
-        return isinstance(got, (int, float)) and abs(got - want) <= atol
-    return got == want
+    """True when ``got`` matches ``want`` (kept for other check modules)."""
+    return _compare(got, want, atol) is None
+
+
+@contextlib.contextmanager
+def forbidden(*functions: Callable) -> Iterator[None]:
+    """While active, each of ``functions`` raises when called, under any name it was imported as.
+
+    The exercise asks the reader to write that function; the check must not pass by calling it.
+    (The code object is swapped, so ``from utils.measure import count_weights`` is blocked too.)
+    """
+    saved = []
+
+    def blocked(*args: Any, **kwargs: Any) -> Any:
+        name = __import__("sys")._getframe(0).f_code.co_name
+        raise RuntimeError(f"this exercise asks you to write it yourself: calling the book's {name}() "
+                           "is not allowed here")
+
+    try:
+        for f in functions:
+            saved.append((f, f.__code__))
+            f.__code__ = blocked.__code__.replace(co_name=f.__name__)
+        yield
+    finally:
+        for f, code in saved:
+            f.__code__ = code
 
 
 class Verdict:
@@ -34,7 +120,7 @@ class Verdict:
         self.passed, self.total = passed, total
 
     def __bool__(self) -> bool:
-        return self.passed == self.total
+        return self.total > 0 and self.passed == self.total
 
     def __repr__(self) -> str:
         if self:
@@ -43,21 +129,23 @@ class Verdict:
 
 
 def run_check(title: str, fn: Callable[..., Any], cases: Sequence[tuple[str, tuple, Any]],
-              atol: float = 1e-6) -> Verdict:
-    """Call ``fn(*args)`` for each ``(label, args, expected)`` and print pass/fail per case."""
+              atol: float = 1e-6, forbid: Sequence[Callable] = ()) -> Verdict:
+    """Call ``fn(*args)`` for each ``(label, args, expected)`` and print pass/FAIL per case.
+
+    ``expected`` is a value, or a function ``judge(got) -> None | str`` (``None`` = pass, a string
+    says what is wrong). ``forbid`` lists library functions the reader must not call.
+    """
     print(f"check: {title}")
     passed = 0
     for label, args, want in cases:
         try:
-            got = fn(*args)
-            ok = _same(got, want, atol)
-            detail = "" if ok else f" (expected {want!r}, got {got!r})"
-            if got is None:
-                detail = " (got None: does your function return its result?)"
+            with forbidden(*forbid):
+                got = fn(*args)
+            why = _compare(got, want, atol)
         except Exception as e:  # the reader's code may raise anything; report it, do not crash
-            ok, detail = False, f" (raised {type(e).__name__}: {e})"
-        passed += ok
-        print(f"  {'pass' if ok else 'FAIL'}: {label}{detail if len(detail) < 300 else ' (wrong result)'}")
+            why = f"your function raised {type(e).__name__}: {str(e)[:200]}"
+        passed += why is None
+        print(f"  {'pass' if why is None else 'FAIL'}: {label}" + ("" if why is None else f" ({why})"))
     return Verdict(passed, len(cases))
 
 
@@ -68,43 +156,82 @@ def _tensors() -> dict[str, Tensor]:
             "conv 3x2x3x3": torch.randn(3, 2, 3, 3, generator=g)}
 
 
-def check_unstructured_mask(fn: Callable[[Tensor, float], Tensor]) -> Verdict:
-    """``fn(weight, ratio) -> bool mask`` (True = kept) that zeroes exactly round(ratio*n) weights,
-    the smallest |w| first, ties to the earliest position (equation 3.1 with an exact threshold)."""
-    cases = []
-    for name, w in _tensors().items():
-        for r in (0.0, 0.25, 0.5, 0.9):
-            want = ~smallest_k(w.abs(), round(r * w.numel()))
-            cases.append((f"{name}, ratio {r}", (w.clone(), r), want))
-    return run_check("unstructured magnitude mask", fn, cases)
+# ----------------------------------------------------------------------------- a toy task
+# Design and experiment exercises train small models; MNIST would make a check take minutes.
+# The toy task: 10 Gaussian features, 4 classes given by a random linear teacher; an MLP
+# 10-64-64-4 reaches about 95 % in a second.
+_TOY_CACHE: dict[int, tuple] = {}
 
 
-def check_row_norms(fn: Callable[[Tensor, float], Tensor]) -> Verdict:
-    """``fn(weight, p) -> one L_p norm per output unit`` (row of a Linear, filter of a Conv2d)."""
-    cases = []
-    for name, w in _tensors().items():
-        for p in (1.0, 2.0):
-            want = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), ord=p, dim=1)
-            cases.append((f"{name}, p={p}", (w.clone(), p), want))
-    return run_check("L_p norm of each output unit", fn, cases, atol=1e-5)
+def toy_task(seed: int = 0) -> tuple[torch.utils.data.DataLoader, tuple[Tensor, Tensor]]:
+    """``(train_loader, (x_val, y_val))`` of the toy task (1,000 training, 500 validation points)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1500, 10, generator=g)
+    y = (x @ torch.randn(10, 4, generator=g)).argmax(1)
+    loader = DataLoader(TensorDataset(x[:1000], y[:1000]), batch_size=50, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, (x[1000:], y[1000:])
 
 
-def check_sparsity(fn: Callable[[Tensor], float]) -> Verdict:
-    """``fn(tensor) -> fraction of zero entries`` as a float in [0, 1]."""
-    cases = [(name, (w.clone(),), float((w == 0).sum()) / w.numel()) for name, w in _tensors().items()]
-    cases.append(("all zeros", (torch.zeros(5, 5),), 1.0))
-    return run_check("sparsity of a tensor", fn, cases)
+def toy_model() -> nn.Sequential:
+    """The toy task's MLP: Linear 10-64, ReLU, Linear 64-64, ReLU, Linear 64-4."""
+    return nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def toy_accuracy(model: nn.Module, val: tuple[Tensor, Tensor]) -> float:
+    """Accuracy of ``model`` on the validation points (eval mode, no gradients)."""
+    model.eval()
+    with torch.no_grad():
+        return float((model(val[0]).argmax(1) == val[1]).float().mean())
+
+
+def _trained_toy(seed: int = 0) -> tuple[nn.Module, torch.utils.data.DataLoader, tuple, float]:
+    """A dense toy model trained for 10 epochs (cached), its loader, validation set and accuracy."""
+    from utils.training import train
+    if seed not in _TOY_CACHE:
+        loader, val = toy_task(seed)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        model = toy_model()
+        train(model, loader, epochs=10, lr=0.05, progress=False)
+        torch.random.set_rng_state(state)
+        _TOY_CACHE[seed] = (model, loader, val, toy_accuracy(model, val))
+    model, _, val, acc = _TOY_CACHE[seed]
+    return copy.deepcopy(model), toy_task(seed)[0], val, acc  # a fresh loader: the same shuffles every time
+
+
+def _linear_sparsity(model: nn.Module) -> float:
+    """Share of zeros among the weights of the Linear layers, masks included (plain tensor ops)."""
+    ws = [pruning.effective_weight(m) for m in model.modules() if isinstance(m, nn.Linear)]
+    return float(sum(int((w == 0).sum()) for w in ws)) / sum(w.numel() for w in ws)
+
+
+def _as_model(got: Any) -> nn.Module | str:
+    if not isinstance(got, nn.Module):
+        return f"expected your function to return the model (an nn.Module), got {_describe(got)}"
+    return got
 
 
 # ----------------------------------------------------------------------------- chapter 1
-def check_count_weights(fn: Callable[[torch.nn.Module], int]) -> Verdict:
-    """``fn(model) -> number of weights in its Conv2d and Linear layers`` (biases excluded)."""
-    from utils.models import LeNet5, LeNet300100, VGG
+def _embedding_model() -> nn.Module:
+    """Token embeddings (a 2-D weight that is not a Conv2d or Linear weight), then a classifier."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(100, 16), nn.Flatten(), nn.Linear(16 * 8, 10), nn.LayerNorm(10))
+
+
+def check_count_weights(fn: Callable[[nn.Module], int]) -> Verdict:
+    """``fn(model) -> number of weights in its Conv2d and Linear layers`` (biases excluded; the
+    weights of Embedding, BatchNorm and LayerNorm layers are not counted)."""
+    from utils.models import VGG, LeNet5, LeNet300100
+    models = {"LeNet5": LeNet5(), "LeNet300100": LeNet300100(), "VGG(width=0.25), with BatchNorm": VGG(width=0.25),
+              "embedding + Linear + LayerNorm": _embedding_model()}
     cases = []
-    for name, model in {"LeNet5": LeNet5(), "LeNet300100": LeNet300100(), "VGG(width=0.25)": VGG(width=0.25)}.items():
-        want = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    for name, model in models.items():
+        want = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
         cases.append((name, (model,), want))
-    return run_check("weights of Conv2d and Linear layers", fn, cases)
+    return run_check("weights of Conv2d and Linear layers", fn, cases,
+                     forbid=(measure.count_weights, measure.count_params))
 
 
 def check_model_megabytes(fn: Callable[[int, int], float]) -> Verdict:
@@ -116,26 +243,54 @@ def check_model_megabytes(fn: Callable[[int, int], float]) -> Verdict:
 
 def check_conv_macs(fn: Callable[[int, int, int, int, int], int]) -> Verdict:
     """``fn(c_in, c_out, k, h_out, w_out) -> multiply-accumulates`` of a k x k Conv2d (groups=1)."""
-    from utils.measure import count_flops
     cases = []
     for c_in, c_out, k, h, w in [(1, 6, 5, 28, 28), (6, 16, 5, 10, 10), (64, 128, 3, 16, 16), (3, 8, 1, 7, 9)]:
-        conv = torch.nn.Conv2d(c_in, c_out, k, bias=False)
-        want = count_flops(conv, torch.zeros(1, c_in, h + k - 1, w + k - 1)) // 2
+        conv = nn.Conv2d(c_in, c_out, k, bias=False)
+        want = measure.count_flops(conv, torch.zeros(1, c_in, h + k - 1, w + k - 1)) // 2
         cases.append((f"conv {c_in}->{c_out}, {k}x{k}, out {h}x{w}", (c_in, c_out, k, h, w), want))
-    return run_check("MACs of a convolution", fn, cases)
+    return run_check("MACs of a convolution", fn, cases, forbid=(measure.count_flops, measure.layer_macs))
+
+
+def mlp_params(h1: int, h2: int, n_in: int = 784, n_out: int = 10) -> int:
+    """Weights and biases of the MLP n_in-h1-h2-n_out (plain arithmetic)."""
+    return (n_in + 1) * h1 + (h1 + 1) * h2 + (h2 + 1) * n_out
+
+
+def check_mlp_widths(fn: Callable[[float, int], tuple[int, int]]) -> Verdict:
+    """Design: ``fn(budget_mb, bits) -> (h1, h2)``, the hidden widths of an MLP 784-h1-h2-10 whose
+    weights and biases, stored with ``bits`` bits each, take at most ``budget_mb`` MB (10**6 bytes)
+    and at least 90 % of it, with h1 >= h2 >= 10."""
+    def judge(budget: float, bits: int) -> Judge:
+        def verdict(got: Any) -> str | None:
+            if not (isinstance(got, (tuple, list)) and len(got) == 2 and all(isinstance(h, int) for h in got)):
+                return f"expected two ints (h1, h2), got {_describe(got)}"
+            h1, h2 = got
+            if not h1 >= h2 >= 10:
+                return f"expected h1 >= h2 >= 10, got h1={h1}, h2={h2}"
+            mb = nn.Sequential(nn.Linear(784, h1), nn.Linear(h1, h2), nn.Linear(h2, 10))
+            size = sum(p.numel() for p in mb.parameters()) * bits / 8 / 1e6
+            if not 0.9 * budget <= size <= budget:
+                return f"784-{h1}-{h2}-10 takes {size:.4g} MB at {bits} bits; it must take {0.9 * budget:.4g} to {budget:g} MB"
+            return None
+        return verdict
+    cases = [(f"{b:g} MB at {bits} bits", (b, bits), judge(b, bits)) for b, bits in [(1.0, 32), (0.05, 8), (0.25, 4), (2.0, 8)]]
+    return run_check("an MLP that fits a memory budget", fn, cases)
 
 
 # ----------------------------------------------------------------------------- chapter 2
-def check_compression_ratio(fn: Callable[[float], float]) -> Verdict:
-    """``fn(sparsity) -> compression ratio`` = weights before / weights kept."""
-    cases = [(f"sparsity {s}", (s,), 1 / (1 - s)) for s in (0.0, 0.5, 0.9, 0.92, 0.99)]
-    return run_check("compression ratio", fn, cases, atol=1e-9)
+def check_sparsity(fn: Callable[[Tensor], float]) -> Verdict:
+    """``fn(tensor) -> fraction of zero entries`` as a float in [0, 1]."""
+    cases = [(name, (w.clone(),), float((w == 0).sum()) / w.numel()) for name, w in _tensors().items()]
+    cases.append(("all zeros", (torch.zeros(5, 5),), 1.0))
+    cases.append(("int tensor, half zeros", (torch.tensor([0, 3, 0, 7]),), 0.5))
+    return run_check("sparsity of a tensor", fn, cases)
 
 
 def check_local_counts(fn: Callable[[Sequence[int], float], list[int]]) -> Verdict:
-    """``fn(layer_sizes, ratio) -> weights pruned in each layer`` under local pruning."""
+    """``fn(layer_sizes, ratio) -> weights pruned in each layer`` under local pruning, each
+    rounded to the nearest integer with Python's ``round``."""
     cases = [(f"sizes {s}, ratio {r}", (list(s), r), [round(r * n) for n in s])
-             for s, r in [((150, 2400, 48000), 0.5), ((10, 10), 0.25), ((7, 3, 1), 0.9), ((100,), 0.0)]]
+             for s, r in [((150, 2400, 48000), 0.5), ((10, 10), 0.25), ((7, 3, 1), 0.9), ((100,), 0.1)]]
     return run_check("weights pruned per layer (local)", fn, cases)
 
 
@@ -144,19 +299,110 @@ def check_theoretical_speedup(fn: Callable[[Sequence[int], Sequence[float]], flo
     cases = [(f"macs {m}, density {d}", (list(m), list(d)), sum(m) / sum(a * b for a, b in zip(m, d)))
              for m, d in [((100, 100), (0.5, 0.5)), ((117600, 240000, 48000), (1.0, 0.2, 0.05)),
                           ((10,), (0.1,))]]
-    return run_check("theoretical speedup", fn, cases, atol=1e-9)
+    return run_check("theoretical speedup", fn, cases, atol=1e-9, forbid=(measure.effective_macs,))
+
+
+def best_speedup(sizes: Sequence[int], macs: Sequence[int], total: float, cap: float = 0.95) -> float:
+    """The largest theoretical speedup at overall weight sparsity ``total`` with each layer at most
+    ``cap`` sparse: prune the layers with the most MACs per weight first (a fractional knapsack)."""
+    left = total * sum(sizes)
+    kept_macs = float(sum(macs))
+    for n, m in sorted(zip(sizes, macs), key=lambda nm: -nm[1] / nm[0]):
+        take = min(cap * n, left)
+        kept_macs -= m * take / n
+        left -= take
+    return sum(macs) / kept_macs
+
+
+def check_sparsity_allocation(fn: Callable[[list[int], list[int], float], list[float]]) -> Verdict:
+    """Design: ``fn(sizes, macs, total) -> per-layer sparsities`` (each in [0, 0.95]) whose overall
+    weight sparsity is ``total`` (within 0.005) and whose theoretical speedup is at least 95 % of
+    the best one possible under these rules."""
+    from utils.models import VGG, LeNet5
+    cases = []
+    for name, model, example in [("LeNet-5", LeNet5(), torch.zeros(1, 1, 32, 32)),
+                                 ("VGG(width=0.25), 32x32 input", VGG(width=0.25), torch.zeros(1, 3, 32, 32))]:
+        macs_by_layer = measure.layer_macs(model, example)
+        modules = dict(model.named_modules())
+        sizes = [modules[k].weight.numel() for k in macs_by_layer]
+        macs = list(macs_by_layer.values())
+        for total in (0.5, 0.8):
+            best = best_speedup(sizes, macs, total)
+
+            def judge(got: Any, sizes=sizes, macs=macs, total=total, best=best) -> str | None:
+                if not isinstance(got, (list, tuple)) or len(got) != len(sizes):
+                    return f"expected a list of {len(sizes)} sparsities, got {_describe(got)}"
+                s = [float(v) for v in got]
+                if min(s) < 0 or max(s) > 0.95 + 1e-9:
+                    return f"every sparsity must lie in [0, 0.95], got {[round(v, 3) for v in s]}"
+                overall = sum(n * v for n, v in zip(sizes, s)) / sum(sizes)
+                if abs(overall - total) > 0.005:
+                    return f"overall sparsity is {overall:.4f}, expected {total} (within 0.005)"
+                speedup = sum(macs) / sum(m * (1 - v) for m, v in zip(macs, s))
+                if speedup < 0.95 * best:
+                    return f"theoretical speedup {speedup:.2f}x; the best allocation reaches {best:.2f}x (need 95 % of it)"
+                return None
+            cases.append((f"{name}, total sparsity {total}", (list(sizes), list(macs), total), judge))
+    return run_check("per-layer sparsities for the largest speedup", fn, cases, forbid=(measure.effective_macs,))
 
 
 # ----------------------------------------------------------------------------- chapter 3
-def check_structured_mask(fn: Callable[[Tensor, float, float], Tensor]) -> Verdict:
-    """``fn(weight, ratio, p) -> bool per output unit`` (True = kept): the round(ratio * units)
-    units with the smallest L_p norm are removed, ties to the earliest unit."""
+def check_rowwise_mask(fn: Callable[[Tensor, float], Tensor]) -> Verdict:
+    """``fn(weight, ratio) -> bool mask`` (True = kept) that removes, in every output unit (row of a
+    Linear, filter of a Conv2d), the ``round(ratio * weights_per_unit)`` smallest magnitudes, ties
+    to the earliest position."""
     cases = []
     for name, w in _tensors().items():
-        for r, p in [(0.34, 2.0), (0.5, 1.0), (0.0, 2.0)]:
-            norms = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), ord=p, dim=1)
-            cases.append((f"{name}, ratio {r}, p={p}", (w.clone(), r, p), ~smallest_k(norms, round(r * w.shape[0]))))
-    return run_check("structured (unit) mask", fn, cases)
+        for r in (0.0, 0.25, 0.5, 0.9):
+            rows = w.reshape(w.shape[0], -1).abs()
+            k = round(r * rows.shape[1])
+            want = torch.stack([~smallest_k(row, k) for row in rows]).view_as(w)
+            cases.append((f"{name}, ratio {r}", (w.clone(), r), want))
+    return run_check("row-wise magnitude mask", fn, cases,
+                     forbid=(smallest_k, pruning.prune_unstructured, pruning.prune_structured))
+
+
+def check_share_at_threshold(fn: Callable[[Tensor, float], float]) -> Verdict:
+    """``fn(weight, theta) -> share of the weights that equation 3.1 prunes at threshold theta``:
+    the fraction of entries with ``|w| <= theta``, as a float."""
+    cases = []
+    for name, w in _tensors().items():
+        for theta in (0.0, 0.5, 1.0):
+            cases.append((f"{name}, theta {theta}", (w.clone(), theta), float((w.abs() <= theta).sum()) / w.numel()))
+    return run_check("share pruned at a threshold", fn, cases, forbid=(smallest_k, pruning.prune_unstructured))
+
+
+def _check_pruned_toy(title: str, fn: Callable, ratios: Sequence[float], trained: bool, floor: float,
+                      extra: Callable[[float], tuple]) -> Verdict:
+    """Shared judge: the model ``fn`` returns must be ``ratio`` sparse (within 0.005) over its
+    Linear weights and within ``floor`` of the dense validation accuracy."""
+    cases = []
+    for ratio in ratios:
+        model, loader, val, dense = _trained_toy(0)
+        if not trained:
+            torch.manual_seed(1)
+            model = toy_model()
+
+        def judge(got: Any, ratio=ratio, val=val, dense=dense) -> str | None:
+            got = _as_model(got)
+            if isinstance(got, str):
+                return got
+            s, acc = _linear_sparsity(got), toy_accuracy(got, val)
+            if abs(s - ratio) > 0.005:
+                return f"the Linear weights are {s:.3f} sparse; expected {ratio} (within 0.005)"
+            if acc < dense - floor:
+                return (f"validation accuracy {acc:.1%}; it must stay within {floor:.0%} of the dense "
+                        f"model's {dense:.1%}")
+            return None
+        cases.append((f"sparsity {ratio}", (model, loader) + extra(ratio), judge))
+    return run_check(title, fn, cases)
+
+
+def check_prune_finetune(fn: Callable[[nn.Module, Any, float], nn.Module]) -> Verdict:
+    """Experiment: ``fn(model, train_loader, ratio) -> model``. ``model`` is a trained MLP of the toy
+    task; prune ``ratio`` of its Linear weights by magnitude and fine-tune it so that validation
+    accuracy stays within 3 points of the dense model (sparsity exact within 0.005)."""
+    return _check_pruned_toy("train, prune, fine-tune", fn, (0.9, 0.95), True, 0.03, lambda r: (r,))
 
 
 # ----------------------------------------------------------------------------- chapter 4.1
@@ -165,25 +411,24 @@ def check_global_threshold(fn: Callable[[list[Tensor], float], float]) -> Verdic
     (k >= 1), so that pruning ``|w| <= theta`` removes k weights when there are no ties."""
     g = torch.Generator().manual_seed(1)
     cases = []
-    for sizes, r in [((5, 7), 0.5), ((100, 3, 40), 0.9), ((1000,), 0.123)]:
+    for sizes, r in [((5, 7), 0.5), ((100, 3, 40), 0.9), ((1000,), 0.123), ((4, 4), 0.01)]:
         ws = [torch.randn(n, generator=g) for n in sizes]
         flat = torch.cat(ws).abs()
         k = max(1, round(r * flat.numel()))
         cases.append((f"sizes {sizes}, ratio {r}", ([w.clone() for w in ws], r), float(flat.kthvalue(k).values)))
-    return run_check("global threshold", fn, cases)
+    return run_check("global threshold", fn, cases, forbid=(smallest_k, pruning.prune_unstructured))
 
 
 def check_geometric_schedule(fn: Callable[[float, int], list[float]]) -> Verdict:
     """``fn(final_sparsity, rounds) -> sparsity after each round`` when every round removes the same
     share of the weights still left: s_i = 1 - (1 - S) ** (i / rounds)."""
-    cases = [(f"S={s}, {n} rounds", (s, n), [1 - (1 - s) ** (i / n) for i in range(1, n + 1)])
-             for s, n in [(0.9, 3), (0.92, 5), (0.5, 1)]]
-
     def as_list(*args: Any) -> Any:
         out = fn(*args)
         return torch.tensor([float(v) for v in out], dtype=torch.float64) if out is not None else None
 
-    cases = [(label, args, torch.tensor(want, dtype=torch.float64)) for label, args, want in cases]
+    cases = [(f"S={s}, {n} rounds", (s, n),
+              torch.tensor([1 - (1 - s) ** (i / n) for i in range(1, n + 1)], dtype=torch.float64))
+             for s, n in [(0.9, 3), (0.92, 5), (0.5, 1)]]
     return run_check("iterative pruning schedule", as_list, cases, atol=1e-9)
 
 
@@ -191,12 +436,35 @@ def check_regrown(fn: Callable[[Tensor, Tensor], int]) -> Verdict:
     """``fn(weight, mask) -> how many pruned positions (mask == 0) hold a non-zero weight``."""
     g = torch.Generator().manual_seed(2)
     cases = []
-    for shape in [(4, 5), (3, 2, 3, 3)]:
+    for shape in [(4, 5), (3, 2, 3, 3), (6, 6)]:
         w = torch.randn(shape, generator=g)
         w[torch.rand(shape, generator=g) < 0.3] = 0
         mask = (torch.rand(shape, generator=g) < 0.5).float()
         cases.append((f"shape {shape}", (w.clone(), mask.clone()), int(((mask == 0) & (w != 0)).sum())))
     return run_check("regrown weights", fn, cases)
+
+
+def check_safe_ratio(fn: Callable[[nn.Module, tuple[Tensor, Tensor], float], float]) -> Verdict:
+    """Experiment: ``fn(model, val, budget) -> ratio``: the largest global pruning ratio among
+    0.05, 0.10, ..., 0.95 at which the toy MLP ``model``, pruned without fine-tuning, keeps a
+    validation accuracy (on ``val = (x, y)``) of at least dense - budget. Within one step of the
+    check's own scan."""
+    model, _, val, dense = _trained_toy(0)
+    cases = []
+    for budget in (0.01, 0.05):
+        best = 0.0
+        for i in range(1, 20):
+            m = copy.deepcopy(model)
+            pruning.prune_unstructured(m, i / 20)
+            if toy_accuracy(m, val) >= dense - budget:
+                best = i / 20
+
+        def judge(got: Any, best=best) -> str | None:
+            if isinstance(got, bool) or not isinstance(got, (int, float)):
+                return f"expected a ratio (a float), got {_describe(got)}"
+            return None if abs(got - best) <= 0.05 + 1e-9 else f"expected about {best:.2f} (within 0.05), got {got:.3f}"
+        cases.append((f"accuracy budget {budget}", (copy.deepcopy(model), val, budget), judge))
+    return run_check("largest safe global ratio", fn, cases)
 
 
 # ----------------------------------------------------------------------------- chapter 4.2
@@ -207,7 +475,7 @@ def check_dead_units(fn: Callable[[Tensor], int]) -> Verdict:
         w = w.clone()
         w[0] = 0
         cases.append((name, (w,), int((w.reshape(w.shape[0], -1) == 0).all(dim=1).sum())))
-    cases.append(("zero columns only", (torch.tensor([[0.0, 1.0], [0.0, 2.0]]),), 0))
+    cases.append(("zero columns, one zero row", (torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 0.0]]),), 1))
     return run_check("whole units removed", fn, cases)
 
 
@@ -217,8 +485,7 @@ def check_flatten_columns(fn: Callable[[Tensor, int], Tensor]) -> Verdict:
     cases = []
     for keep, hw in [([0, 2], 3), ([1], 25), ([0, 3, 4], 1)]:
         k = torch.tensor(keep)
-        want = (k[:, None] * hw + torch.arange(hw)).reshape(-1)
-        cases.append((f"channels {keep}, h*w={hw}", (k.clone(), hw), want))
+        cases.append((f"channels {keep}, h*w={hw}", (k.clone(), hw), (k[:, None] * hw + torch.arange(hw)).reshape(-1)))
 
     def as_long(*args: Any) -> Any:
         out = fn(*args)
@@ -227,13 +494,13 @@ def check_flatten_columns(fn: Callable[[Tensor, int], Tensor]) -> Verdict:
     return run_check("columns of the next layer", as_long, cases)
 
 
-def check_shrink_linear_pair(fn: Callable[[torch.nn.Linear, torch.nn.Linear, Tensor], tuple]) -> Verdict:
+def check_shrink_linear_pair(fn: Callable[[nn.Linear, nn.Linear, Tensor], tuple]) -> Verdict:
     """``fn(fc1, fc2, keep) -> (small_fc1, small_fc2)``: fc1 keeps only the units ``keep``, fc2 only
     the matching inputs; ``fc2(relu(fc1(x)))`` is unchanged when the other units were dead."""
     torch.manual_seed(3)
     cases = []
     for n_in, n_hidden, n_out, keep in [(6, 5, 3, [0, 3]), (10, 8, 4, [1, 2, 7])]:
-        fc1, fc2 = torch.nn.Linear(n_in, n_hidden), torch.nn.Linear(n_hidden, n_out)
+        fc1, fc2 = nn.Linear(n_in, n_hidden), nn.Linear(n_hidden, n_out)
         dead = [i for i in range(n_hidden) if i not in keep]
         with torch.no_grad():
             fc1.weight[dead] = 0
@@ -241,45 +508,101 @@ def check_shrink_linear_pair(fn: Callable[[torch.nn.Linear, torch.nn.Linear, Ten
         x = torch.randn(5, n_in)
         want = fc2(torch.relu(fc1(x))).detach()
 
-        def run(fc1=fc1, fc2=fc2, keep=keep, x=x):
-            small1, small2 = fn(fc1, fc2, torch.tensor(keep))
+        def run(fc1=fc1, fc2=fc2, keep=keep, x=x) -> Any:
+            out = fn(fc1, fc2, torch.tensor(keep))
+            if out is None:
+                return None
+            if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(m, nn.Linear) for m in out)):
+                return f"expected two nn.Linear layers, got {_describe(out)}"
+            small1, small2 = out
             if small1.out_features != len(keep):
                 return f"small_fc1 has {small1.out_features} units, expected {len(keep)}"
             return small2(torch.relu(small1(x))).detach()
 
         cases.append((f"{n_hidden} units, keep {keep}", (run,), want))
-    return run_check("shrink a Linear pair", lambda run: run(), cases, atol=1e-5)
+    return run_check("shrink a Linear pair", lambda run: _unwrap(run()), cases, atol=1e-5,
+                     forbid=(surgery.shrink,))
+
+
+def check_macs_budget(fn: Callable[[nn.Module, Any, int], nn.Module]) -> Verdict:
+    """Design: ``fn(model, train_loader, budget) -> smaller model``: remove whole hidden units of the
+    trained toy MLP (and fine-tune) so that its Linear layers do between 80 % and 100 % of
+    ``budget`` MACs per input, with validation accuracy within 2 points of the dense model."""
+    cases = []
+    for budget in (2500, 1500):
+        model, loader, val, dense = _trained_toy(0)
+
+        def judge(got: Any, budget=budget, val=val, dense=dense) -> str | None:
+            got = _as_model(got)
+            if isinstance(got, str):
+                return got
+            macs = sum(measure.layer_macs(got, val[0][:1]).values())
+            if not 0.8 * budget <= macs <= budget:
+                return f"the model does {macs} MACs per input; expected {int(0.8 * budget)} to {budget}"
+            acc = toy_accuracy(got, val)
+            if acc < dense - 0.02:
+                return f"validation accuracy {acc:.1%}; it must stay within 2 points of the dense {dense:.1%}"
+            return None
+        dense_macs = sum(measure.layer_macs(model, val[0][:1]).values())
+        cases.append((f"budget {budget} MACs (dense: {dense_macs})", (model, loader, budget), judge))
+    return run_check("a smaller MLP under a MACs budget", fn, cases)
 
 
 # ----------------------------------------------------------------------------- chapter 5
 def check_csr_bytes(fn: Callable[[int, int, int], int]) -> Verdict:
     """``fn(rows, cols, nnz) -> bytes`` of a float32 CSR matrix with int64 indices, as PyTorch stores
     it: a value and a column index per non-zero, and rows + 1 row pointers."""
-    from utils.measure import csr_bytes
     cases = []
     for rows, cols, nnz in [(3, 4, 2), (120, 400, 4800), (4096, 4096, 167772), (10, 10, 0)]:
         w = torch.zeros(rows * cols)
         w[:nnz] = 1.0
-        cases.append((f"{rows}x{cols}, {nnz} non-zeros", (rows, cols, nnz), csr_bytes(w.view(rows, cols))))
-    return run_check("bytes of a CSR matrix", fn, cases)
+        cases.append((f"{rows}x{cols}, {nnz} non-zeros", (rows, cols, nnz), measure.csr_bytes(w.view(rows, cols))))
+    return run_check("bytes of a CSR matrix", fn, cases, forbid=(measure.csr_bytes, measure.to_csr))
 
 
-def check_break_even(fn: Callable[[dict[float, float]], float | None]) -> Verdict:
-    """``fn({sparsity: csr_time / dense_time}) -> the lowest sparsity where CSR was faster``, or None."""
-    cases = [("wins from 0.9", ({0.5: 3.1, 0.9: 0.8, 0.95: 0.4, 0.99: 0.1},), 0.9),
-             ("never wins", ({0.5: 3.0, 0.99: 1.2},), None),
-             ("unordered keys", ({0.99: 0.2, 0.8: 0.9, 0.7: 1.5},), 0.8),
-             ("noisy: wins, loses, wins", ({0.7: 0.95, 0.8: 1.05, 0.9: 0.7},), 0.7)]
+def check_break_even(fn: Callable[[dict[float, float]], float]) -> Verdict:
+    """``fn({sparsity: csr_time / dense_time}) -> the lowest sparsity at which CSR was faster``
+    (ratio below 1), or ``math.inf`` when CSR was never faster."""
+    tables = [("wins from 0.9", {0.5: 3.1, 0.9: 0.8, 0.95: 0.4, 0.99: 0.1}),
+              ("never wins", {0.5: 3.0, 0.99: 1.2}),
+              ("unordered keys", {0.99: 0.2, 0.8: 0.9, 0.7: 1.5}),
+              ("noisy: wins, loses, wins", {0.7: 0.95, 0.8: 1.05, 0.9: 0.7}),
+              ("exactly as fast is not faster", {0.6: 1.0, 0.95: 0.5})]
+    cases = [(label, (dict(t),), float(min((s for s, r in t.items() if r < 1), default=math.inf)))
+             for label, t in tables]
     return run_check("break-even sparsity", fn, cases)
 
 
 def check_modelled_energy(fn: Callable[[float, float, bool], float]) -> Verdict:
     """``fn(macs, weights, on_chip) -> µJ`` per inference under the 45 nm model of ``utils.energy``:
     a float multiply and add per MAC, one 32-bit read per weight from SRAM (on chip) or DRAM."""
-    from utils.energy import modelled_energy
-    cases = [(f"{m:g} MACs, {w:g} weights, on_chip={c}", (m, w, c), modelled_energy(m, w, on_chip=c)["total µJ"])
+    cases = [(f"{m:g} MACs, {w:g} weights, on_chip={c}", (m, w, c), energy.modelled_energy(m, w, on_chip=c)["total µJ"])
              for m, w, c in [(416_520, 61_470, True), (416_520, 61_470, False), (1.3e8, 9.2e6, False), (0, 10, True)]]
-    return run_check("modelled energy", fn, cases, atol=1e-6)
+    return run_check("modelled energy", fn, cases, atol=1e-6, forbid=(energy.modelled_energy,))
+
+
+def check_csr_storage_break_even(fn: Callable[[int, int], float]) -> Verdict:
+    """Experiment: ``fn(rows, cols) -> density`` at which a float32 CSR matrix (int64 indices) takes
+    as many bytes as the dense matrix. Checked against the bytes PyTorch really stores: 0.02 below
+    your density CSR must be smaller than dense, 0.02 above it larger."""
+    def bytes_at(rows: int, cols: int, density: float) -> int:
+        w = torch.zeros(rows * cols)
+        w[: int(round(density * rows * cols))] = 1.0
+        return measure.csr_bytes(w.view(rows, cols))
+
+    def judge(rows: int, cols: int) -> Judge:
+        def verdict(got: Any) -> str | None:
+            if isinstance(got, bool) or not isinstance(got, (int, float)) or not 0.02 <= got <= 0.98:
+                return f"expected a density between 0.02 and 0.98, got {_describe(got)}"
+            dense = rows * cols * 4
+            below, above = bytes_at(rows, cols, got - 0.02), bytes_at(rows, cols, got + 0.02)
+            if not below < dense < above:
+                return (f"PyTorch stores {below} bytes at density {got - 0.02:.3f} and {above} at "
+                        f"{got + 0.02:.3f}; dense takes {dense}: the break-even is not at {got:.3f}")
+            return None
+        return verdict
+    cases = [(f"{r}x{c}", (r, c), judge(r, c)) for r, c in [(300, 784), (64, 64), (3, 8), (1000, 10)]]
+    return run_check("CSR storage break-even, measured", fn, cases, forbid=(measure.csr_bytes, measure.to_csr))
 
 
 # ----------------------------------------------------------------------------- chapter 6
@@ -290,88 +613,110 @@ def check_relative_amount(fn: Callable[[float, float], float]) -> Verdict:
     return run_check("relative amount", fn, cases, atol=1e-9)
 
 
-def check_pruned_tensor_names(fn: Callable[[torch.nn.Module], list[str]]) -> Verdict:
+def check_pruned_tensor_names(fn: Callable[[nn.Module], list[str]]) -> Verdict:
     """``fn(module) -> sorted names of its own tensors reparametrized by torch.nn.utils.prune``."""
     from torch.nn.utils import prune
 
-    def build(kind: str) -> torch.nn.Module:
+    def build(kind: str) -> nn.Module:
         torch.manual_seed(0)
-        m = torch.nn.Linear(4, 3)
+        m = nn.Linear(4, 3)
         if kind in ("weight", "both"):
             prune.l1_unstructured(m, "weight", amount=0.5)
         if kind in ("bias", "both"):
             prune.random_unstructured(m, "bias", amount=0.3)
         return m
 
+    def nested() -> nn.Module:
+        outer = nn.Sequential(nn.Linear(2, 2))
+        prune.l1_unstructured(outer[0], "weight", amount=0.5)
+        return outer
+
     cases = [(f"{k} pruned", (build(k),), w) for k, w in
              [("none", []), ("weight", ["weight"]), ("bias", ["bias"]), ("both", ["bias", "weight"])]]
+    cases.append(("only a child is pruned", (nested(),), []))
     return run_check("names of pruned tensors", fn, cases)
 
 
 def check_semi_structured_mask(fn: Callable[[Tensor], Tensor]) -> Verdict:
     """``fn(weight) -> bool mask`` keeping the 2 largest magnitudes of every 4 consecutive inputs."""
-    from utils.pruning import semi_structured_mask
     g = torch.Generator().manual_seed(4)
-    cases = [(name, (w,), semi_structured_mask(w)) for name, w in
+    cases = [(name, (w,), pruning.semi_structured_mask(w)) for name, w in
              [("random 3x8", torch.randn(3, 8, generator=g)), ("ties 1x8", torch.tensor([[1., 1., 1., 1., 0., 2., 2., 0.]])),
               ("random 16x16", torch.randn(16, 16, generator=g))]]
-    return run_check("2:4 mask", fn, cases)
+    return run_check("2:4 mask", fn, cases, forbid=(pruning.semi_structured_mask,))
+
+
+def check_halve_macs(fn: Callable[[nn.Module, Tensor], nn.Module]) -> Verdict:
+    """Experiment: ``fn(resnet18, example) -> pruned model`` that does between 45 % and 55 % of the
+    dense model's MACs on ``example`` (a 1x3x64x64 batch), keeps every convolution (no layer
+    removed) and still outputs 1,000 logits. Torch-Pruning's ``pruning_ratio`` acts on channels."""
+    import torchvision
+
+    def case(seed: int) -> tuple:
+        torch.manual_seed(seed)
+        model = torchvision.models.resnet18().eval()
+        example = torch.randn(1, 3, 64, 64)
+        dense = measure.count_flops(model, example)
+        convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+        def judge(got: Any) -> str | None:
+            got = _as_model(got)
+            if isinstance(got, str):
+                return got
+            got.eval()
+            if sum(isinstance(m, nn.Conv2d) for m in got.modules()) != convs:
+                return f"expected all {convs} convolutions to remain"
+            with torch.no_grad():
+                shape = tuple(got(example).shape)
+            if shape != (1, 1000):
+                return f"expected output shape (1, 1000), got {shape}"
+            share = measure.count_flops(got, example) / dense
+            return None if 0.45 <= share <= 0.55 else f"the model does {share:.1%} of the dense MACs; expected 45 % to 55 %"
+        return (f"ResNet-18, seed {seed}", (model, example), judge)
+    return run_check("ResNet-18 at half the MACs", fn, [case(0)])
 
 
 # ----------------------------------------------------------------------------- chapter 7
-def check_cubic_schedule(fn: Callable[[int, int, float, float], float]) -> Verdict:
-    """``fn(step, total_steps, final, initial) -> sparsity`` of Zhu and Gupta's gradual schedule,
-    s = final + (initial - final) * (1 - step / total_steps) ** 3, held at ``final`` after the end."""
-    def want(t: int, n: int, f: float, i: float) -> float:
-        return f + (i - f) * (1 - min(t, n) / n) ** 3
-    cases = [(f"step {t} of {n}, {i} -> {f}", (t, n, f, i), want(t, n, f, i))
-             for t, n, f, i in [(0, 10, 0.9, 0.0), (5, 10, 0.9, 0.0), (10, 10, 0.9, 0.0), (15, 10, 0.9, 0.0), (3, 7, 0.95, 0.5)]]
-    return run_check("cubic sparsity schedule", fn, cases, atol=1e-9)
+def check_mask_overlap(fn: Callable[[Tensor, Tensor], float]) -> Verdict:
+    """``fn(mask_a, mask_b) -> overlap`` of two keep-masks (1 = kept): weights kept by both divided
+    by weights kept by either (the Jaccard index); 1.0 when both keep nothing."""
+    g = torch.Generator().manual_seed(6)
+    pairs = {"random 8x8": ((torch.rand(8, 8, generator=g) < 0.3), (torch.rand(8, 8, generator=g) < 0.5)),
+             "identical": (torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 1, 1])),
+             "disjoint, float masks": (torch.tensor([1., 0., 0.]), torch.tensor([0., 1., 0.])),
+             "both empty": (torch.zeros(3), torch.zeros(3))}
+    cases = []
+    for name, (a, b) in pairs.items():
+        a_, b_ = a.bool(), b.bool()
+        either = int((a_ | b_).sum())
+        cases.append((name, (a.clone(), b.clone()), float((a_ & b_).sum()) / either if either else 1.0))
+    return run_check("overlap of two masks", fn, cases)
 
 
-def check_layer_ratios(fn: Callable[[dict, float, float], dict]) -> Verdict:
-    """``fn(scan, dense_acc, budget) -> {layer: ratio}``: for each layer the largest scanned ratio whose
-    accuracy is at least ``dense_acc - budget`` (0.0 if none is)."""
-    scan = {"conv1": {0.5: 0.97, 0.7: 0.95, 0.9: 0.80}, "fc1": {0.5: 0.98, 0.9: 0.975, 0.95: 0.97, 0.98: 0.90},
-            "fc2": {0.3: 0.90, 0.5: 0.85}}
-    cases = [(f"budget {b}", (scan, 0.98, b), {layer: max([r for r, a in row.items() if a >= 0.98 - b - 1e-12], default=0.0)
-                                               for layer, row in scan.items()})
-             for b in (0.01, 0.035, 0.2)]
-    return run_check("per-layer ratios under an accuracy budget", fn, cases)
+def check_total_sparsity(fn: Callable[[dict[str, int], dict[str, float]], float]) -> Verdict:
+    """``fn(sizes, ratios) -> overall sparsity`` when layer ``name`` (``sizes[name]`` weights) is
+    pruned at ``ratios[name]``; layers missing from ``ratios`` stay dense."""
+    tables = [("LeNet-300-100-like", {"fc1": 235200, "fc2": 30000, "fc3": 1000}, {"fc1": 0.95, "fc2": 0.9, "fc3": 0.5}),
+              ("one layer left dense", {"conv1": 150, "conv2": 2400, "fc1": 48000}, {"conv2": 0.5, "fc1": 0.9}),
+              ("equal sizes", {"a": 10, "b": 10}, {"a": 0.2, "b": 0.6})]
+    cases = [(label, (dict(sizes), dict(ratios)),
+              sum(n * ratios.get(k, 0.0) for k, n in sizes.items()) / sum(sizes.values()))
+             for label, sizes, ratios in tables]
+    return run_check("overall sparsity of per-layer ratios", fn, cases, atol=1e-9)
 
 
-def check_rewind(fn: Callable[[torch.nn.Module, dict], None]) -> Verdict:
-    """``fn(model, init_state)``: reset every weight and bias of a pruned ``model`` to ``init_state``
-    (a state_dict saved before training, with plain ``weight``/``bias`` keys), keeping the masks."""
-    from utils.models import LeNet300100
-    from utils.pruning import effective_weight, prune_unstructured
-
-    def run(seed: int) -> Tensor:
-        torch.manual_seed(seed)
-        model = LeNet300100()
-        init = {k: v.clone() for k, v in model.state_dict().items()}
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))  # "training"
-        prune_unstructured(model, 0.8)
-        masks = {n: m.weight_mask.clone() for n, m in model.named_modules() if hasattr(m, "weight_mask")}
-        fn(model, init)
-        got = []
-        for n, m in model.named_modules():
-            if n in masks:
-                ok = torch.equal(m.weight_mask, masks[n]) and torch.equal(effective_weight(m), init[n + ".weight"] * masks[n]) \
-                    and torch.equal(m.bias.detach(), init[n + ".bias"])
-                got.append(ok)
-        return torch.tensor(got)
-
-    cases = [(f"LeNet-300-100, seed {s}", (s,), torch.ones(3, dtype=torch.bool)) for s in (0, 1)]
-    return run_check("rewind to initialization, masks kept", run, cases)
+def check_gradual_pruning(fn: Callable[[nn.Module, Any, float, int], nn.Module]) -> Verdict:
+    """Experiment: ``fn(model, train_loader, final, epochs) -> model``. ``model`` is an *untrained*
+    toy MLP; train it for ``epochs`` epochs while raising its sparsity to ``final`` (prune during
+    training, e.g. on a cubic schedule). The result must be ``final`` sparse (within 0.005) over its
+    Linear weights, with validation accuracy within 3 points of a dense model trained as long."""
+    return _check_pruned_toy("prune while training", fn, (0.95,), False, 0.03, lambda r: (r, 10))
 
 
 # ----------------------------------------------------------------------------- chapter 8
 def check_int8(fn: Callable[[Tensor], tuple[Tensor, float]]) -> Verdict:
     """``fn(w) -> (q, scale)``: symmetric per-tensor int8 quantization, scale = max|w| / 127,
-    q = round(w / scale) as torch.int8, so that q * scale approximates w."""
+    q = round(w / scale) (round half to even, as ``torch.round``) as torch.int8."""
     g = torch.Generator().manual_seed(5)
     ws = {"random 4x5": torch.randn(4, 5, generator=g), "with zeros": torch.tensor([0.0, -1.0, 0.5, 0.25]),
           "tiny": torch.randn(3, 3, generator=g) * 1e-3}
@@ -384,10 +729,12 @@ def check_int8(fn: Callable[[Tensor], tuple[Tensor, float]]) -> Verdict:
         out = fn(w)
         if out is None:
             return None
+        if not (isinstance(out, tuple) and len(out) == 2):
+            return _Reason(f"expected a pair (q, scale), got {_describe(out)}")
         q, scale = out
         if abs(float(scale) - float(w.abs().max()) / 127) > 1e-9:
-            return f"scale {scale}"
-        return q if q.dtype == torch.int8 else f"dtype {q.dtype}"
+            return _Reason(f"scale should be max|w| / 127 = {float(w.abs().max()) / 127:.4g}, got {float(scale):.4g}")
+        return q if q.dtype == torch.int8 else _Reason(f"q should have dtype torch.int8, got {q.dtype}")
     return run_check("int8 quantization", q_only, cases)
 
 
@@ -398,14 +745,49 @@ def check_combined_compression(fn: Callable[[float, int], float]) -> Verdict:
     return run_check("pruning and quantization together", fn, cases, atol=1e-9)
 
 
-def check_best_config(fn: Callable[[list[dict], float, float], str | None]) -> Verdict:
+def check_best_config(fn: Callable[[list[dict], float, float], str]) -> Verdict:
     """``fn(rows, min_accuracy, max_latency) -> name`` of the row with the fewest parameters among those
-    with accuracy >= min_accuracy and latency <= max_latency, or None. Rows have keys
-    name, accuracy, latency, params."""
+    with accuracy >= min_accuracy and latency <= max_latency, or the string ``"none"`` if no row
+    qualifies. Rows have keys name, accuracy, latency, params."""
     rows = [{"name": "dense", "accuracy": 0.98, "latency": 10.0, "params": 60000},
             {"name": "unstructured global", "accuracy": 0.975, "latency": 10.5, "params": 6000},
             {"name": "structured local", "accuracy": 0.96, "latency": 4.0, "params": 15000},
             {"name": "structured global", "accuracy": 0.97, "latency": 5.0, "params": 14000}]
-    cases = [("accuracy first", (rows, 0.97, 20.0), "unstructured global"), ("latency first", (rows, 0.95, 6.0), "structured global"),
-             ("strict", (rows, 0.965, 4.5), None), ("everything allowed", (rows, 0.0, 100.0), "unstructured global")]
+
+    def want(a: float, t: float) -> str:
+        ok = [r for r in rows if r["accuracy"] >= a and r["latency"] <= t]
+        return min(ok, key=lambda r: r["params"])["name"] if ok else "none"
+    cases = [(label, ([dict(r) for r in rows], a, t), want(a, t)) for label, a, t in
+             [("accuracy first", 0.97, 20.0), ("latency first", 0.95, 6.0), ("nothing qualifies", 0.965, 4.5),
+              ("everything allowed", 0.0, 100.0), ("limits are inclusive", 0.96, 4.0)]]
     return run_check("decision guide", fn, cases)
+
+
+def check_compression_budget(fn: Callable[[nn.Module, Any], tuple[nn.Module, int]]) -> Verdict:
+    """Design: ``fn(model, train_loader) -> (model, bits)``: prune (and fine-tune) the trained toy MLP
+    and choose a bit width so that its Linear weights, kept ones stored with ``bits`` bits (indices
+    ignored), are at least 20x smaller than dense fp32, and accuracy after the check quantizes every
+    kept weight to ``bits`` bits (symmetric, per tensor) stays within 2 points of the dense model."""
+    model, loader, val, dense = _trained_toy(0)
+
+    def judge(got: Any) -> str | None:
+        if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], nn.Module)
+                and isinstance(got[1], int) and 2 <= got[1] <= 32):
+            return f"expected (model, bits) with bits an int from 2 to 32, got {_describe(got)}"
+        m, bits = got
+        ratio = 32 / bits / max(1e-12, 1 - _linear_sparsity(m))
+        if ratio < 20:
+            return f"{ratio:.1f}x smaller than dense fp32; expected at least 20x"
+        q = pruning.make_permanent(pruning.clone_model(m))
+        with torch.no_grad():
+            for layer in q.modules():
+                if isinstance(layer, nn.Linear):
+                    w = layer.weight
+                    scale = w.abs().max() / (2 ** (bits - 1) - 1)
+                    if scale > 0:
+                        w.copy_(torch.round(w / scale) * scale)
+        acc = toy_accuracy(q, val)
+        if acc < dense - 0.02:
+            return f"accuracy after {bits}-bit quantization {acc:.1%}; it must stay within 2 points of the dense {dense:.1%}"
+        return None
+    return run_check("20x smaller: pruning and quantization", fn, [("toy MLP", (model, loader), judge)])
