@@ -236,10 +236,16 @@ def test_checks_accept_the_library_and_reject_an_empty_stub():
     from utils.llm_pruning import wanda_scores as lib
 
     def wanda(weight, inputs):
+        return weight.abs() * inputs.reshape(-1, inputs.shape[-1]).pow(2).sum(0).sqrt()
+
+    def via_library(weight, inputs):
         return lib(weight, inputs.reshape(-1, inputs.shape[-1]).float().pow(2).sum(0).sqrt())
 
     assert check_wanda_score(wanda)
-    assert check_semi_structured_bytes(semi_structured_bytes)
+    assert check_wanda_score(via_library).passed == 0  # calling the book's function is blocked
+    assert check_semi_structured_bytes(lambda r, c, b: r * c // 2 * (b + 2) // 8)
+    assert check_semi_structured_bytes(semi_structured_bytes).passed == 0
+    assert torch.equal(lib(torch.ones(1, 2), torch.ones(2)), torch.ones(1, 2))  # restored afterwards
     assert check_wanda_score(lambda w, x: None).passed == 0
     # wrong formulas fail: magnitude alone, and the squared norm
     assert not check_wanda_score(lambda w, x: w.abs())

@@ -30,10 +30,11 @@ def check_wanda_score(fn: Callable[[Tensor, Tensor], Tensor]) -> Verdict:
         want = w.abs() * (flat * flat).sum(dim=0).sqrt()[None, :]
         cases.append((name, (w.clone(), x.clone()), want))
 
-    def scaled(w: Tensor, x: Tensor) -> Any:  # compare relative to the largest score
+    def scaled(w: Tensor, x: Tensor) -> Any:  # any tensor-like result, compared in float64
         out = fn(w, x)
         return None if out is None else torch.as_tensor(out).double()
-    return run_check("Wanda score", scaled, cases, atol=1e-3)
+    from utils import llm_pruning
+    return run_check("Wanda score", scaled, cases, atol=1e-3, forbid=(llm_pruning.wanda_scores,))
 
 
 def check_semi_structured_bytes(fn: Callable[[int, int, int], int]) -> Verdict:
@@ -42,7 +43,7 @@ def check_semi_structured_bytes(fn: Callable[[int, int, int], int]) -> Verdict:
     from utils.llm_pruning import semi_structured_bytes
     cases = [(f"{r}x{c}, {b}-bit values", (r, c, b), semi_structured_bytes(r, c, b))
              for r, c, b in [(4, 8, 16), (128, 512, 16), (4096, 4096, 16), (64, 64, 8)]]
-    return run_check("bytes of a 2:4 matrix", fn, cases)
+    return run_check("bytes of a 2:4 matrix", fn, cases, forbid=(semi_structured_bytes,))
 
 
 def check_sparsity_plan(fn: Callable[[nn.Module, float], dict[str, float]], model: nn.Module,
