@@ -29,13 +29,16 @@ def mask_heatmaps(panels: Mapping[str, torch.Tensor], cmap: str = "Greys", cols:
 
 
 def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str,
-                 title: str = "", ylim: tuple[float, float] | None = None) -> Figure:
-    """Bars of several series side by side for each group (for example, sparsity per layer)."""
+                 title: str = "", ylim: tuple[float, float] | None = None,
+                 errors: Mapping[str, Sequence[float]] | None = None) -> Figure:
+    """Bars of several series side by side for each group (for example, sparsity per layer);
+    ``errors`` (same keys) draws error bars, such as the standard deviation over seeds."""
     fig, ax = plt.subplots(figsize=(7, 3.4))
     width = 0.8 / len(series)
     x = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+        yerr = None if errors is None else errors[name]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name, yerr=yerr, capsize=3)
     ax.set_xticks(x, [textwrap.fill(str(g), 14) for g in groups])  # long names wrap instead of overlapping
     ax.set_ylabel(ylabel)
     if ylim:
