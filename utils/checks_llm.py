@@ -20,10 +20,13 @@ def check_wanda_score(fn: Callable[[Tensor, Tensor], Tensor]) -> Verdict:
     g = torch.Generator().manual_seed(9)
     outlier = torch.randn(10, 6, generator=g)
     outlier[:, 2] *= 100
-    cases_in = {"hand-made 2x2": (torch.tensor([[1.0, -2.0], [3.0, 0.5]]), torch.tensor([[3.0, 0.0], [4.0, 1.0]])),
-                "random 4x6, 10 tokens": (torch.randn(4, 6, generator=g), torch.randn(10, 6, generator=g)),
-                "inputs shaped (batch, time, features)": (torch.randn(3, 6, generator=g), torch.randn(2, 5, 6, generator=g)),
-                "one outlier feature": (torch.randn(4, 6, generator=g), outlier)}
+    cases_in = {
+        "hand-made 2x2": (torch.tensor([[1.0, -2.0], [3.0, 0.5]]),
+                          torch.tensor([[3.0, 0.0], [4.0, 1.0]])),
+        "random 4x6, 10 tokens": (torch.randn(4, 6, generator=g), torch.randn(10, 6, generator=g)),
+        "inputs shaped (batch, time, features)": (torch.randn(3, 6, generator=g),
+                                                  torch.randn(2, 5, 6, generator=g)),
+        "one outlier feature": (torch.randn(4, 6, generator=g), outlier)}
     cases = []
     for name, (w, x) in cases_in.items():
         flat = x.reshape(-1, x.shape[-1])
@@ -64,7 +67,8 @@ def check_sparsity_plan(fn: Callable[[nn.Module, float], dict[str, float]], mode
         ok = (isinstance(got, dict) and set(got) <= set(names)
               and all(isinstance(v, (int, float)) and 0 <= v < 1 for v in got.values()))
         plan = {n: float(got.get(n, 0.0)) for n in names} if ok else None
-        detail = "" if ok else f" (return a dict {{layer of model.blocks: sparsity in [0, 1)}}, got {type(got).__name__})"
+        detail = "" if ok else (" (return a dict {layer of model.blocks: sparsity in [0, 1)}, "
+                                f"got {type(got).__name__})")
     except Exception as e:  # the reader's code may raise anything
         ok, plan, detail = False, None, f" (raised {type(e).__name__}: {e})"
     bad = not ok
@@ -72,13 +76,17 @@ def check_sparsity_plan(fn: Callable[[nn.Module, float], dict[str, float]], mode
     if bad:
         print("  FAIL: budget (not checked)\n  FAIL: perplexity (not checked)")
         return Verdict(0, 3)
-    pruned = sum(modules[n].weight.shape[0] * round(s * modules[n].weight.shape[1]) for n, s in plan.items())
+    pruned = sum(modules[n].weight.shape[0] * round(s * modules[n].weight.shape[1])
+                 for n, s in plan.items())
     ok_budget = pruned >= math.ceil(target * total - 1e-9)
-    print(f"  {'pass' if ok_budget else 'FAIL'}: budget: {pruned:,} weights pruned, {pruned / total:.2%}")
+    print(f"  {'pass' if ok_budget else 'FAIL'}: budget: {pruned:,} weights pruned, "
+          f"{pruned / total:.2%}")
     mine, uniform = clone_model(model), clone_model(model)
     prune_wanda(mine, calibration, sparsity=plan)
     prune_wanda(uniform, calibration, sparsity=target)
-    p_mine, p_uni = perplexity(mine, val_tokens, max_tokens), perplexity(uniform, val_tokens, max_tokens)
+    p_mine = perplexity(mine, val_tokens, max_tokens)
+    p_uni = perplexity(uniform, val_tokens, max_tokens)
     ok_ppl = p_mine <= (1 + margin) * p_uni
-    print(f"  {'pass' if ok_ppl else 'FAIL'}: perplexity {p_mine:.3f} vs uniform {p_uni:.3f} (allowed: {1 + margin:.2f}x)")
+    print(f"  {'pass' if ok_ppl else 'FAIL'}: perplexity {p_mine:.3f} vs uniform {p_uni:.3f} "
+          f"(allowed: {1 + margin:.2f}x)")
     return Verdict(1 + ok_budget + ok_ppl, 3)
