@@ -369,3 +369,92 @@ def test_core_modules_import_no_book_helper():
             "'utils.threshold'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- found in review
+def test_inplace_pruning_writes_through_channels_last_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).to(memory_format=torch.channels_last)
+    kept = prune_unstructured(model, 0.5, inplace=True)
+    n = 8 * 3 * 9 + 8 * 8 * 9
+    assert sparsity(model) == round(0.5 * n) / n and sum(kept.values()) == n - round(0.5 * n)
+    masked = nn.Sequential(nn.Conv2d(3, 8, 3)).to(memory_format=torch.channels_last)
+    masks = prune_unstructured(masked, 0.5)
+    assert torch.equal(effective_weight(masked[0]) != 0, masks["0"] & (masked[0].weight_orig != 0))
+
+
+def test_computed_weights_are_refused_before_anything_changes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(4, 2)))
+    before = snapshot(model)
+    for call in (lambda: prune_unstructured(model, 0.5), lambda: prune_unstructured(model, 0.5, inplace=True),
+                 lambda: prune_structured(model, 0.5, layers=["0", "2"])):
+        with pytest.raises(ValueError, match="computed"):
+            call()
+        assert same_snapshot(before, snapshot(model))
+
+
+def test_grouped_transposed_conv_with_bias_is_read_per_unit():
+    model = nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(1, 4, 5, 5)
+    assert torch.allclose(shrink(model)(x), model(x))  # nothing dead: the same model
+    with torch.no_grad():
+        model[0].weight[:2, 1] = 0  # group 0, its second output channel: unit 1
+        model[0].bias[1] = 0
+    with pytest.raises(UnsupportedGraphError, match="grouped"):
+        shrink(model)
+
+
+class SharedNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 2, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.c3(self.bn(self.c2(F.relu(self.bn(self.c1(x))))))
+
+
+def test_a_batchnorm_called_twice_is_neither_masked_for_one_layer_nor_cut():
+    model = SharedNorm().eval()
+    prune_structured(model, 0.5, layers=["c1"])
+    assert not is_pruned(model.bn)
+    with torch.no_grad():
+        model.bn.bias.zero_()
+        model.bn.running_mean.zero_()
+    with pytest.raises(UnsupportedGraphError, match="BatchNorm 'bn'"):
+        shrink(model)
+
+
+def test_smallest_k_with_infinities_nan_and_strided_scores():
+    inf = float("inf")
+    assert smallest_k(torch.tensor([-inf, 1.0, 2.0, 3.0]), 1).tolist() == [True, False, False, False]
+    assert smallest_k(torch.tensor([1.0, inf, 2.0]), 3).all()
+    assert smallest_k(torch.tensor([inf, 1.0, inf]), 2).tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="NaN"):
+        smallest_k(torch.tensor([1.0, float("nan")]), 1)
+    t = torch.arange(12.0).view(3, 4).t()
+    assert torch.equal(smallest_k(t, 5), reference_smallest(t, 5))
+
+
+class Reshape3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(36, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.view(y.size(0), y.size(1), -1)).mean(1)
+
+
+def test_a_reshape_that_is_not_a_flatten_only_blocks_a_cut():
+    model = Reshape3d().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(shrink(model)(x), model(x))  # nothing to cut: no refusal
+    prune_structured(model, 0.5, layers=["conv"])
+    with pytest.raises(UnsupportedGraphError, match="'view'"):
+        shrink(model)
+
+
+def test_a_batchnorm_without_affine_parameters_is_reported():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    with pytest.warns(UserWarning, match="no affine parameters"):
+        prune_structured(model, 0.5)

@@ -63,12 +63,13 @@ def following_batchnorms(model: nn.Module) -> dict[str, str]:
             warnings.warn(f"{e}. The BatchNorms after pruned layers are left unmasked, so a pruned unit "
                           "still outputs the BatchNorm's shift (beta).", stacklevel=3)
         return found
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(modules.get(node.target), LAYERS):
             users = list(node.users)
-            if len(users) == 1 and users[0].op == "call_module" and \
+            if len(users) == 1 and users[0].op == "call_module" and calls.count(users[0].target) == 1 and \
                     isinstance(modules.get(users[0].target), nn.modules.batchnorm._BatchNorm):
-                found[node.target] = users[0].target
+                found[node.target] = users[0].target  # a BatchNorm used twice belongs to neither
     return found
 
 
@@ -99,8 +100,8 @@ def output_layers(model: nn.Module) -> set[str]:
 def is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """True for a flatten that keeps the batch dimension: (N, C, H, W) -> (N, C*H*W).
 
-    Raises for a ``view``/``reshape`` with a hard-coded size, which would break once
-    channels are removed.
+    Raises for a flattening ``view``/``reshape`` with a hard-coded size, which would break once
+    channels are removed; any other reshape is not a flatten.
     """
     if node.op == "call_module":
         m = modules[node.target]
@@ -116,8 +117,9 @@ def is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             sizes = tuple(sizes[0])
         if len(sizes) == 2 and sizes[1] == -1 and not isinstance(sizes[0], int):
             return True  # x.view(x.size(0), -1)
-        raise ValueError(f"the model flattens with {name}{tuple(sizes)}: a hard-coded size breaks when "
-                         "channels are removed; write torch.flatten(x, 1) instead")
+        if len(sizes) == 2 and all(isinstance(v, int) for v in sizes):  # x.view(-1, 400)
+            raise ValueError(f"the model flattens with {name}{tuple(sizes)}: a hard-coded size breaks when "
+                             "channels are removed; write torch.flatten(x, 1) instead")
     return False
 
 

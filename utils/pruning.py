@@ -13,10 +13,12 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.utils.parametrize  # noqa: F401  (is_parametrized)
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import prune as torch_prune
@@ -108,8 +110,9 @@ def weight_tensors(model: nn.Module, selected: dict[str, nn.Module], inplace: bo
     """
     groups: dict[int, _Tensor] = {}
     for name, m in selected.items():
-        groups.setdefault(id(_raw_weight(m)), _Tensor([], [])).names.append(name)
-        groups[id(_raw_weight(m))].modules.append(m)
+        key = id(_raw_weight(m)) if _raw_weight(m) is not None else id(m)
+        groups.setdefault(key, _Tensor([], [])).names.append(name)
+        groups[key].modules.append(m)
     if not inplace:
         for owner, m in model.named_modules():
             for attr, p in m._parameters.items():
@@ -119,6 +122,24 @@ def weight_tensors(model: nn.Module, selected: dict[str, nn.Module], inplace: bo
                                      "pruned: a mask would leave it unmasked; select it too, untie the weights, "
                                      "or use inplace=True")
     return list(groups.values())
+
+
+def _refuse_computed_weights(selected: dict[str, nn.Module]) -> None:
+    """A weight computed from other tensors (weight_norm, a parametrization) cannot take a mask."""
+    for name, m in selected.items():
+        if _raw_weight(m) is None or torch.nn.utils.parametrize.is_parametrized(m):
+            raise ValueError(f"the weight of {name!r} is computed (weight_norm, spectral_norm or a "
+                             "parametrization), not a Parameter of its own: remove that first")
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D view of ``t`` in memory order, sharing its storage (also for channels_last)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    permuted = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    if not permuted.is_contiguous():
+        raise ValueError("a weight that is a strided view of a larger tensor cannot be pruned in place")
+    return permuted.view(-1)
 
 
 def _check_finite(t: _Tensor) -> None:
@@ -134,8 +155,8 @@ def _score_dtype(tensors: list[_Tensor]) -> torch.dtype:
 
 def _magnitude(t: _Tensor, dtype: torch.dtype) -> Source:
     """The scores of one tensor: |w|, and -1 where an earlier mask pruned it (always first)."""
-    w, mask = t.weight.reshape(-1), t.mask
-    flat_mask = None if mask is None else mask.reshape(-1)
+    w, mask = _flat(t.weight), t.mask
+    flat_mask = None if mask is None else _flat(mask)
 
     def score_of(sel: slice | Tensor, out: Tensor | None = None) -> Tensor:
         x = w[sel]
@@ -158,8 +179,10 @@ def smallest_k(scores: Tensor, k: int) -> Tensor:
     flat = scores.detach().reshape(-1)
     if not 0 <= k <= flat.numel():
         raise ValueError(f"k must be between 0 and {flat.numel()}, got {k}")
+    if flat.is_floating_point() and bool(torch.isnan(flat).any()):
+        raise ValueError("scores contain NaN, which has no order")
     threshold = kth_smallest([Source(lambda sel, out=None: flat[sel], flat.numel(), flat.dtype, flat.device)], k)
-    return ~keep(scores.detach(), threshold, threshold.ties.get(0))
+    return ~keep(flat, threshold, threshold.ties.get(0)).view(scores.shape)
 
 
 def _apply_mask(module: nn.Module, name: str, keep: Tensor) -> None:
@@ -201,7 +224,9 @@ def prune_unstructured(model: nn.Module, ratio: float, scope: str = "global",
     r, scope = _check_ratio(ratio), _check_scope(scope)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
-    tensors = weight_tensors(model, select_layers(model, layers), inplace)
+    selected = select_layers(model, layers)
+    _refuse_computed_weights(selected)
+    tensors = weight_tensors(model, selected, inplace)
     if inplace and is_pruned(model):
         raise ValueError("the model carries pruning masks; make_permanent(model) first, or use inplace=False")
     with torch.no_grad():
@@ -240,8 +265,9 @@ def _zero_weights(tensors: list[_Tensor], sources: list[Source], thresholds: lis
     out: dict = {}
     shared = all(th is thresholds[0] for th in thresholds)
     for i, (t, src, th) in enumerate(zip(tensors, sources, thresholds)):
-        w, source = t.weight.reshape(-1), i if shared else 0
-        mask = None if inplace else torch.empty(src.n, dtype=w.dtype, device=src.device)
+        w, source = _flat(t.weight), i if shared else 0
+        full_mask = None if inplace else torch.empty_like(t.weight)  # same memory order as the weight
+        mask = None if inplace else _flat(full_mask)
         kept = 0
         for sel in chunks(src.n, src.device):
             s_buf, flags, _ = buffers.get(src, sel.stop - sel.start)
@@ -257,8 +283,8 @@ def _zero_weights(tensors: list[_Tensor], sources: list[Source], thresholds: lis
             if inplace:
                 out[name] = kept
             else:
-                _apply_mask(m, "weight", mask.view_as(t.weight))
-                out[name] = mask.view_as(t.weight).bool()
+                _apply_mask(m, "weight", full_mask)
+                out[name] = full_mask.bool()
     return out
 
 
@@ -321,6 +347,7 @@ def prune_structured(model: nn.Module, ratio: float, scope: str = "local", p: fl
     """
     r, scope, p = _check_ratio(ratio), _check_scope(scope), _check_p(p)
     selected = select_layers(model, _default_structured_layers(model) if layers is None else layers)
+    _refuse_computed_weights(selected)
     tensors = weight_tensors(model, selected)
     if len(tensors) < len(selected):
         raise ValueError("structured pruning of a weight shared by several layers is not supported")
@@ -384,6 +411,9 @@ def _silence_units(model: nn.Module, selected: dict[str, nn.Module], pruned: dic
         bn = modules[bns[name]] if name in bns else None
         if bn is not None and bn.affine:
             targets += [(bn, "weight"), (bn, "bias")]
+        elif bn is not None and bn.track_running_stats:
+            warnings.warn(f"{bns[name]!r} has no affine parameters to mask: in eval mode a pruned unit of "
+                          f"{name!r} still outputs -running_mean / std", stacklevel=3)
         for mod, tensor in targets:
             _, old = weight_and_mask(mod, tensor)
             _apply_mask(mod, tensor, keep_units if old is None else keep_units & old.bool())

@@ -61,8 +61,11 @@ def _paths(node: fx.Node, modules: dict[str, nn.Module], conv: bool, flat: bool 
             paths += _paths(user, modules, conv, flat, bns + (user.target,))
         elif is_zero_preserving(user, modules) and first_arg_is(user, node):
             paths += _paths(user, modules, conv, flat, bns)
-        elif conv and not flat and first_arg_is(user, node) and is_flatten(user, modules):
+        elif conv and not flat and first_arg_is(user, node) and _flattens(user, modules):
             paths += _paths(user, modules, conv, True, bns)
+        elif conv and not flat and _hard_coded_flatten(user, modules):
+            paths.append(_Path(list(bns), f"{op_name(user)!r} with a hard-coded size (write torch.flatten(x, 1) "
+                               "instead)", "blocked"))
         else:
             name = op_name(user)
             paths.append(_Path(list(bns), "an addition (a residual connection, say)" if name in ("add", "iadd")
@@ -70,15 +73,37 @@ def _paths(node: fx.Node, modules: dict[str, nn.Module], conv: bool, flat: bool 
     return paths
 
 
+def _flattens(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    try:
+        return is_flatten(node, modules)
+    except ValueError:
+        return False
+
+
+def _hard_coded_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    try:
+        is_flatten(node, modules)
+    except ValueError:
+        return True
+    return False
+
+
 def _out_axis(m: nn.Module) -> int:
     return 1 if isinstance(m, _ConvTransposeNd) else 0
+
+
+def _unit_rows(layer: nn.Module) -> Tensor:
+    """One row of weights per output unit, also for a grouped transposed convolution."""
+    w = layer.weight.detach()
+    if isinstance(layer, _ConvTransposeNd):  # (in, out / groups, ...): units are (group, column)
+        w = w.unflatten(0, (layer.groups, -1)).transpose(1, 2).flatten(0, 1)
+    return w.reshape(w.shape[0], -1)
 
 
 def _dead_units(layer: nn.Module, paths: list[_Path], modules: dict[str, nn.Module]) -> Tensor:
     """Units whose output is exactly zero on every path, after its BatchNorms (train or eval)."""
     w = layer.weight.detach()
-    rows = w.movedim(_out_axis(layer), 0).reshape(w.shape[_out_axis(layer)], -1)
-    raw = (rows == 0).all(dim=1)
+    raw = (_unit_rows(layer) == 0).all(dim=1)
     if layer.bias is not None:
         raw &= layer.bias.detach() == 0
     dead = torch.ones_like(raw)
@@ -106,6 +131,8 @@ def _check_cuttable(name: str, paths: list[_Path], dead: Tensor, shared: set[str
                  if p.kind != "blocked" and calls.count(p.end) > 1]
     blockers += [f"{n!r}, whose weight is shared with another module" for n in
                  [name] + [p.end for p in paths if p.kind != "blocked"] if n in shared]
+    blockers += [f"the BatchNorm {bn!r}, which is called more than once" for bn in
+                 sorted({bn for p in paths for bn in p.batchnorms}) if calls.count(bn) > 1]
     if blockers:
         raise UnsupportedGraphError(
             f"cannot cut the {int(dead.sum())} dead units of {name!r}: they reach {', '.join(blockers)}, "
@@ -201,7 +228,9 @@ def shrink(model: nn.Module) -> nn.Module:
     reach the model output (the classes) are kept. Raises :class:`UnsupportedGraphError`,
     naming the blocker, when dead units feed anything else (a residual addition, a grouped
     convolution, a concatenation); Torch-Pruning handles those graphs. The copy keeps the
-    original's dtype, device, frozen parameters and train/eval mode; the original is not changed.
+    original's dtype, device, frozen parameters and train/eval mode; its masks are folded in
+    (zeros left inside the surviving units are ordinary values from then on). The original is
+    not changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

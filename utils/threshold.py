@@ -80,19 +80,21 @@ def kth_smallest(sources: Sequence[Source], k: int, buffers: Buffers | None = No
     if k == 0:
         return Threshold(-math.inf, {})
     buffers = buffers or Buffers()
-    if n <= SMALL:  # small: look at every score at once
-        return _pick(_gather(sources, -math.inf, math.inf, buffers)[2], k)
-    sample = _sample(sources)
+    sample = _sample(sources) if n > SMALL else torch.zeros(0)
     q = k / n
     spread = 4 * math.sqrt(len(sample) * q * (1 - q)) + 2
     lo_i, hi_i = math.floor(q * len(sample) - spread), math.ceil(q * len(sample) + spread)
+    if n <= SMALL:  # small: the bracket is everything
+        lo_i, hi_i = -1, 0
     while True:
         lo = float(sample[lo_i]) if lo_i >= 0 else -math.inf
         hi = float(sample[hi_i]) if hi_i < len(sample) else math.inf
         at_most_lo, below_hi, inside = _gather(sources, lo, hi, buffers)
         if at_most_lo < k <= below_hi:  # the usual case: the k-th score is strictly inside
             return _pick(inside, k - at_most_lo)
-        if k > below_hi:  # at hi or above: move the bracket up
+        if k > below_hi:  # at hi or above
+            if hi == math.inf:  # +inf scores
+                return Threshold(hi, _ties(sources, hi, k - below_hi, buffers))
             lo_i, hi_i = hi_i, hi_i + 2 * (hi_i - lo_i)
         elif (below_lo := _count_below(sources, lo, buffers)) < k:  # exactly lo: take the earliest ties
             return Threshold(lo, _ties(sources, lo, k - below_lo, buffers))
