@@ -25,7 +25,7 @@ def allocations(seed):
     loader = DataLoader(TensorDataset(x[order[500:]], y[order[500:]]), batch_size=64, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     net = LeNet5()
-    train(net, loader, epochs=8, lr=0.02)
+    train(net, loader, epochs=8, lr=0.02, device=device)
     base = evaluate(net, val_loader)
     ratio = {}
     for layer in layers:
@@ -47,7 +47,7 @@ def allocations(seed):
     for name, m in {"sensitivity scan": auto, "uniform (local)": uniform, "global": glob}.items():
         row = {"seed": seed, "method": name, "sparsity": sparsity(m),
                "test acc, pruned": evaluate(m, test_loader)}
-        train(m, loader, epochs=1, lr=0.01)
+        train(m, loader, epochs=1, lr=0.01, device=device)
         rows.append(row | {"test acc, fine-tuned 1 epoch": evaluate(m, test_loader)})
     return rows
 
