@@ -251,3 +251,51 @@ def test_checks_accept_the_library_and_reject_an_empty_stub():
     assert not check_wanda_score(lambda w, x: w.abs())
     assert not check_wanda_score(lambda w, x: w.abs() * x.reshape(-1, x.shape[-1]).pow(2).sum(0))
     assert check_semi_structured_bytes(lambda *a: None).passed == 0
+
+
+def test_wanda_check_blocks_the_library_input_norms():
+    from utils.checks_llm import check_wanda_score
+
+    def via_stats(weight, inputs):
+        stats = InputStats(inputs.shape[-1], torch.device("cpu"))
+        stats.add(inputs)
+        return weight.abs() * stats.norms
+
+    assert check_wanda_score(via_stats).passed == 0
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_sparsegpt_zeroes_weights_on_dead_inputs_and_handles_small_blocks():
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(4, 16, generator=g), torch.randn(64, 16, generator=g)
+    x[:, [2, 9]] = 0  # two inputs that are always zero
+    stats = InputStats(16, torch.device("cpu"))
+    stats.add(x)
+    for kw in ({"sparsity": 0.25}, {"nm": (2, 4), "blocksize": 2}):
+        new, keep = sparsegpt_layer(w, stats, **kw)
+        assert (new[:, [2, 9]] == 0).all() and torch.isfinite(new).all()
+        if "nm" in kw:
+            assert (keep.view(4, -1, 4).sum(-1) == 2).all()
+
+
+def test_sparsegpt_explains_a_hessian_that_is_not_positive_definite():
+    stats = InputStats(4, torch.device("cpu"))
+    stats.gram = -torch.eye(4)
+    stats.count = 1
+    with pytest.raises(ValueError, match="damp"):
+        sparsegpt_layer(torch.randn(2, 4), stats, 0.5)
+
+
+def test_rescale_inputs_refuses_a_layernorm_without_gain():
+    norm, lin = nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="elementwise_affine"):
+        rescale_inputs(norm, [lin], [1], 2.0)
+
+
+def test_sparsity_plan_check_rejects_the_uniform_plan_and_bools():
+    from utils.checks_llm import check_sparsity_plan
+    m = tiny()
+    cal = [calib(4).roll(i, 1) for i in range(3)]
+    names = default_layers(m)
+    assert check_sparsity_plan(lambda model, t: {n: t for n in names}, m, cal).passed < 3
+    assert check_sparsity_plan(lambda model, t: {n: True for n in names}, m, cal).passed == 0

@@ -130,18 +130,36 @@ def sparsegpt_layer(weight: Tensor, stats: InputStats, sparsity: float | None = 
     """SparseGPT (Frantar and Alistarh 2023) for one Linear: returns (new weight, keep mask).
 
     Columns are processed left to right; each pruned weight's error is spread over the columns
-    not yet processed with the inverse Hessian ``H = 2 X^T X / n`` (OBS). The mask is chosen
-    lazily per block of ``blocksize`` columns by ``w^2 / [H^-1]_jj^2``; with ``sparsity`` each row
-    loses ``round(s*i2) - round(s*i1)`` weights in block ``[i1, i2)``, so exactly ``round(s*cols)``.
+    not yet processed with the inverse Hessian ``H = 2 X^T X / n`` (OBS). With the upper Cholesky
+    factor ``H^-1 = U^T U``, the saliency of weight ``j`` is ``w_j^2 / U_jj^2``, which equals the
+    OBS cost ``w_j^2 / [(H_F)^-1]_jj`` over the set ``F`` of columns not yet processed.
+
+    **A per-row variant.** The reference code chooses the mask lazily per block of
+    ``blocksize`` columns *across all rows* of the block (so rows end up unevenly sparse); here
+    every row is treated alone: with ``sparsity`` each row loses ``round(s*i2) - round(s*i1)``
+    weights in block ``[i1, i2)``, so exactly ``round(s*cols)`` per row, as Wanda and magnitude
+    do in :func:`prune_llm`. With ``nm`` the mask is chosen per group of ``m`` columns.
+
+    As in the reference, inputs that were always zero get ``H_jj`` set (here to the mean of
+    ``diag H``) and their weights set to zero. Raises ``ValueError`` if ``H`` is not positive
+    definite even after damping (try a larger ``damp``).
     """
     w = weight.detach().float().clone()
     rows, cols = w.shape
     if nm is not None:
-        blocksize -= blocksize % nm[1]
-    h = stats.gram.float() * (2 / max(stats.count, 1))
-    dead = (h.diagonal() == 0).float()  # inputs that were always zero get H_jj = 1
-    h.diagonal().add_(damp * float(h.diagonal().mean()) + dead)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        blocksize = max(nm[1], blocksize - blocksize % nm[1])
+    h = stats.gram.float().to(w.device) * (2 / max(stats.count, 1))
+    dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter
+    if dead.any():
+        alive_mean = float(h.diagonal()[~dead].mean()) if (~dead).any() else 1.0
+        h[dead, dead] = alive_mean
+        w[:, dead] = 0
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(f"SparseGPT: the damped Hessian is not positive definite (damp={damp}); "
+                         "try a larger damp, e.g. 0.1, or more calibration data") from e
     keep = torch.ones_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -295,7 +313,10 @@ def rescale_inputs(norm: nn.LayerNorm, linears: Sequence[nn.Linear], channels: S
                    factor: float) -> None:
     """Multiply channels of a LayerNorm's gain and bias by ``factor`` and divide the same input
     columns of the Linears it feeds: the network computes the same function, but those inputs
-    become large and their weights small (the outlier features of large LLMs)."""
+    become large and their weights small (the outlier features of large LLMs). The LayerNorm
+    needs its affine gain and bias (``elementwise_affine=True``)."""
+    if getattr(norm, "weight", None) is None:
+        raise ValueError("rescale_inputs needs a LayerNorm with a gain (elementwise_affine=True)")
     if not factor > 0:
         raise ValueError(f"factor must be > 0, got {factor!r}")
     idx = torch.as_tensor(list(channels), dtype=torch.long)
@@ -304,7 +325,8 @@ def rescale_inputs(norm: nn.LayerNorm, linears: Sequence[nn.Linear], channels: S
     if any(hasattr(lin, "weight_orig") for lin in linears):
         raise ValueError("rescale before pruning: a Linear is already pruned")
     norm.weight[idx] *= factor
-    norm.bias[idx] *= factor
+    if norm.bias is not None:
+        norm.bias[idx] *= factor
     for lin in linears:
         lin.weight[:, idx] /= factor
 
@@ -332,9 +354,14 @@ def l2_scores(model: CharLM) -> dict[str, list[Tensor]]:
 def taylor_scores(model: CharLM, inputs: Tensor, targets: Tensor,
                   batch_size: int = 8) -> dict[str, list[Tensor]]:
     """First-order (Taylor) importance: the mean over batches of ``|dL/dg|`` for a gate ``g = 1``
-    on each head's output and each MLP neuron (Michel et al. 2019; Molchanov et al. 2019), the
-    loss change predicted if the unit were removed. Read off the inputs of ``o`` and ``fc2`` and
-    their gradients; no gradient is left on the model's parameters."""
+    on each head's output and each MLP neuron (after Michel et al. 2019 and Molchanov et al.
+    2017), the loss change predicted if the unit were removed. Read off the inputs of ``o`` and
+    ``fc2`` and their gradients; no gradient is left on the model's parameters.
+
+    A simplification: ``|.|`` is taken of the gate gradient of a whole batch of ``batch_size``
+    windows (the loss is the batch mean), then averaged over batches. Michel et al. average the
+    absolute value per example, which never lets examples of opposite sign cancel; with
+    ``batch_size=1`` this function does that."""
     device = next(model.parameters()).device
     seen: dict[nn.Module, Tensor] = {}
 
