@@ -191,8 +191,9 @@ def edit_setup_and_training(nb: dict, name: str) -> list[str]:
                                                                        new_lines)) if on) or "import")
     if trains:
         for j, c in enumerate(nb["cells"]):
-            if c["cell_type"] != "code":
-                continue
+            tags = c.get("metadata", {}).get("tags", [])
+            if c["cell_type"] != "code" or "stub" in tags or "solution" in tags:
+                continue  # exercise cells are graded on their own, without the set-up cell's `device`
             old = src(c)
             new = add_device_to_train_calls(old)
             if new != old:
