@@ -1,7 +1,7 @@
 """Prose never types a number that a cell computes (issue 12, "no claim without a number or an assert").
 
 Every number followed by ``x``, ``%``, ``pp``, "percent" or "(percentage) points" in a chapter's
-Markdown (or the front matter) must be covered by an entry of the allow-list
+Markdown (or the book's front matter) must be covered by an entry of the allow-list
 ``tests/prose_numbers/<page>.txt``. Each entry is one line, ``reason | snippet``: the snippet is a
 piece of the page's text that contains the number, and the reason says why the prose may type it:
 
@@ -30,15 +30,18 @@ NUMBER = re.compile(
 )
 PAGES = sorted((ROOT / "chapters").glob("*.ipynb")) + [
     ROOT / "book" / n for n in ("intro.md", "glossary.md", "instructors.md")
-] + [ROOT / "README.md"]
+]  # not README.md: its benchmark table is a dated report of `python -m utils.benchmark`
 
 
 def prose(path: Path) -> str:
-    """The page's reader-facing text: Markdown cells of a notebook, or the Markdown file."""
+    """The page's reader-facing text (Markdown cells of a notebook, or the Markdown file), with
+    every run of white space as one space, so that a snippet may span a line break."""
     if path.suffix == ".md":
-        return path.read_text()
-    cells = json.loads(path.read_text())["cells"]
-    return "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+        text = path.read_text()
+    else:
+        cells = json.loads(path.read_text())["cells"]
+        text = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    return re.sub(r"\s+", " ", text)
 
 
 def allow_list(path: Path) -> list[tuple[str, str]]:
@@ -49,7 +52,7 @@ def allow_list(path: Path) -> list[tuple[str, str]]:
     for line in file.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             reason, _, snippet = line.partition(" | ")
-            entries.append((reason.strip(), snippet))
+            entries.append((reason.strip(), re.sub(r"\s+", " ", snippet.strip())))
     return entries
 
 
@@ -59,7 +62,7 @@ def typed_numbers(text: str, entries: list[tuple[str, str]]) -> list[str]:
     for _, snippet in entries:
         covered += [(m.start(), m.start() + len(snippet)) for m in re.finditer(re.escape(snippet), text)]
     return [
-        text[max(0, m.start() - 60) : m.end() + 20].replace("\n", " ")
+        text[max(0, m.start() - 60) : m.end() + 20]
         for m in NUMBER.finditer(text)
         if not any(a <= m.start() and m.end() <= b for a, b in covered)
     ]
