@@ -1,6 +1,7 @@
 """The chapters follow the book's design: title first, Colab cell from _config.yml, summary and
 checked exercises at the end, executed top to bottom, all listed in the table of contents."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,20 @@ def test_chapter_layout(path: Path):
     errors = [c for c in code if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     assert all("raises-exception" in c["metadata"].get("tags", []) for c in errors)
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
+
+
+def test_every_bibliography_entry_is_cited_and_well_formed():
+    bib = (ROOT / "book" / "references.bib").read_text()
+    entries = re.findall(r"^@(\w+)\{([^,]+),", bib, flags=re.M)
+    pages = [json.loads(p.read_text()) for p in CHAPTERS]
+    text = "\n".join(source(c) for nb in pages for c in nb["cells"] if c["cell_type"] == "markdown")
+    text += "\n".join(p.read_text() for p in (ROOT / "book").glob("*.md"))
+    cited = {k.strip() for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", text) for k in group.split(",")}
+    keys = [k for _, k in entries]
+    assert len(keys) == len(set(keys)), "a key is defined twice"
+    assert not cited - set(keys), f"cited but not in references.bib: {sorted(cited - set(keys))}"
+    assert not set(keys) - cited, f"in references.bib but cited nowhere: {sorted(set(keys) - cited)}"
+    for kind, key in entries:  # a book is a @book, not an @inproceedings with a booktitle
+        block = bib[bib.index(f"{{{key},") :].split("\n}\n", 1)[0]
+        assert kind != "inproceedings" or "booktitle" in block, key
+        assert not (kind == "book" and "booktitle" in block), key
