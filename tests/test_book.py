@@ -65,3 +65,27 @@ def test_every_bibliography_entry_is_cited_and_well_formed():
         block = bib[bib.index(f"{{{key},") :].split("\n}\n", 1)[0]
         assert kind != "inproceedings" or "booktitle" in block, key
         assert not (kind == "book" and "booktitle" in block), key
+
+
+def test_every_chapter_links_each_glossary_term_at_its_first_use():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "glossary_links.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, f"run `python scripts/glossary_links.py`:\n{done.stdout}"
+
+
+def test_glossary_links_skip_code_headings_and_longer_terms(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("glossary_links", ROOT / "scripts" / "glossary_links.py")
+    gl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gl)
+    terms = {"pruning": "pruning (剪枝)", "structured pruning": "structured pruning (结构化剪枝)", "mask": "mask"}
+    cells = ["# Pruning\n`mask = x`", "Structured pruning first; $mask$ then masks, then pruning."]
+    uses = gl.first_uses(cells, terms)
+    assert cells[1][slice(*uses["structured pruning (结构化剪枝)"][1:])] == "Structured pruning"
+    assert cells[1][slice(*uses["mask"][1:])] == "masks"
+    assert cells[1][slice(*uses["pruning (剪枝)"][1:])] == "pruning" and uses["pruning (剪枝)"][1] > 40
+    assert gl.first_uses(["{term}`masks <mask>` and a mask"], terms) == {"mask": None}
