@@ -205,23 +205,28 @@ def convert_exercise(source: str, label: str | None) -> str:
         m = FENCE.match(lines[i].strip())
         if m and m.group(2) == "exercise-start":
             title = m.group(3).strip()
-            i += 1
-            while i < len(lines) and (lines[i].startswith(":") and not lines[i].startswith("::")):
-                i += 1  # options (:label:, :class:, ...)
-            if i < len(lines) and re.match(r"^`{3,}\s*$", lines[i]):
-                i += 1  # the fence that closes the start directive
+            i = _past_directive(lines, i)
             number = exercise_number(label) if label else ""
             out.append(f"### Exercise {number}" + (f": {title}" if title else ""))
             out.append("")
             continue
         if m and m.group(2) == "exercise-end":
-            i += 1
-            if i < len(lines) and re.match(r"^`{3,}\s*$", lines[i]):
-                i += 1
+            i = _past_directive(lines, i)
             continue
         out.append(lines[i])
         i += 1
     return "\n".join(out).strip("\n")
+
+
+def _past_directive(lines: list[str], i: int) -> int:
+    """Index of the first line after the directive that starts at line ``i``: its options
+    (``:label:``, ``:class:``, ...) and the fence that closes it."""
+    i += 1
+    while i < len(lines) and lines[i].startswith(":") and not lines[i].startswith("::"):
+        i += 1
+    if i < len(lines) and re.match(r"^`{3,}\s*$", lines[i]):
+        i += 1
+    return i
 
 
 def strip_solution_fences(source: str) -> str:
@@ -231,11 +236,7 @@ def strip_solution_fences(source: str) -> str:
     while i < len(lines):
         m = FENCE.match(lines[i].strip())
         if m and m.group(2) in ("solution-start", "solution-end"):
-            i += 1
-            while i < len(lines) and lines[i].startswith(":") and not lines[i].startswith("::"):
-                i += 1
-            if i < len(lines) and re.match(r"^`{3,}\s*$", lines[i]):
-                i += 1
+            i = _past_directive(lines, i)
             continue
         out.append(lines[i])
         i += 1

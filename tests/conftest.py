@@ -1,5 +1,8 @@
 """Shared fixtures and settings for the unit and property tests."""
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,16 @@ torch.set_num_threads(2)
 settings.register_profile("book", deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("book")
+
+
+def load_file(path: Path, name: str = ""):
+    """Import a script or extension that is not part of the package (scripts/, book/_ext/)."""
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def snapshot(model: nn.Module) -> dict:

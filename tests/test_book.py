@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from utils.book import ROOT, colab_cell_source, repository_url
+from conftest import load_file
 
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 
@@ -77,11 +78,7 @@ def test_every_chapter_links_each_glossary_term_at_its_first_use():
 
 
 def test_glossary_links_skip_code_headings_and_longer_terms(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("glossary_links", ROOT / "scripts" / "glossary_links.py")
-    gl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gl)
+    gl = load_file(ROOT / "scripts" / "glossary_links.py")
     terms = {"pruning": "pruning (剪枝)", "structured pruning": "structured pruning (结构化剪枝)", "mask": "mask"}
     cells = ["# Pruning\n`mask = x`", "Structured pruning first; $mask$ then masks, then pruning."]
     uses = gl.first_uses(cells, terms)

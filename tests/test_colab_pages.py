@@ -1,27 +1,18 @@
 """The Colab copies (colab/, written by scripts/colab_pages.py) read well on Colab and are in
 sync with the chapters; the site's Colab button opens them."""
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-colab_pages = _load("colab_pages", ROOT / "scripts" / "colab_pages.py")
-book_site = _load("book_site", ROOT / "book" / "_ext" / "book_site.py")
+colab_pages = load_file(ROOT / "scripts" / "colab_pages.py")
+book_site = load_file(ROOT / "book" / "_ext" / "book_site.py")
 MYST = re.compile(r"\{(exercise|solution)-(start|end)\}|\{cite[:\w]*\}`|\{term\}`|:class: dropdown"
                   r"|\{(ref|numref|doc|eq|glue[:\w]*)\}`|^```+\s*\{|^:::+\s*\{", re.M)
 

@@ -4,28 +4,20 @@ submissions = rows, never a crash or a changed file outside the grader's tempora
 import ast
 import copy
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from utils.book import ROOT
+from conftest import load_file
 
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-student_copy = _script("student_copy")
-grade = _script("grade")
+student_copy = load_file(ROOT / "scripts" / "student_copy.py")
+grade = load_file(ROOT / "scripts" / "grade.py")
 
 
 def tags(cell):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import importlib.util
 import os
 import re
 import shutil
@@ -36,21 +35,14 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from conftest import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = os.environ.get("PRUNING_BOOK_SITE")
 SEARCH_TERMS = ["pruning", "sparsity", "LeNet", "lottery", "quantization", "剪枝"]
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-book_site = _load("book_site", ROOT / "book" / "_ext" / "book_site.py")
+book_site = load_file(ROOT / "book" / "_ext" / "book_site.py")
 
 
 # --- a build that fails loudly ------------------------------------------------------------------
