@@ -52,12 +52,16 @@ def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], y
 
 def curves(x: Sequence[float] | Mapping[str, Sequence[float]], series: Mapping[str, Sequence[float]],
            xlabel: str, ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
-           marker: str = "o") -> Figure:
-    """Line plot of several named series; ``x`` is shared or given per series."""
+           marker: str = "o", errors: Mapping[str, Sequence[float]] | None = None) -> Figure:
+    """Line plot of several named series; ``x`` is shared or given per series. ``errors`` (some or
+    all of the keys) draws error bars, such as the standard deviation over seeds."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for name, ys in series.items():
         xs = x[name] if isinstance(x, Mapping) else x
-        ax.plot(xs, ys, marker=marker, label=name)
+        if errors is not None and name in errors:
+            ax.errorbar(xs, ys, yerr=errors[name], marker=marker, label=name, capsize=3)
+        else:
+            ax.plot(xs, ys, marker=marker, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logx:
