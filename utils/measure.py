@@ -65,20 +65,32 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return {name: flops.get(name, 0) // 2 for name in select_layers(model)}
 
 
-def to_csr(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` (2-D) in PyTorch's CSR format.
+def to_csr(weight: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``weight`` (2-D) in PyTorch's CSR format, with ``index_dtype`` column indices and row pointers.
 
-    PyTorch warns that sparse CSR support is in beta; that warning is silenced here on purpose.
+    PyTorch builds CSR with int64 indices and also accepts int32 (both index tensors share one
+    dtype). PyTorch warns that sparse CSR support is in beta; that warning is silenced here on purpose.
     """
+    if index_dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"CSR indices are torch.int64 or torch.int32, not {index_dtype}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return weight.detach().to_sparse_csr()
+        csr = weight.detach().to_sparse_csr()
+        if index_dtype == torch.int64:
+            return csr
+        return torch.sparse_csr_tensor(csr.crow_indices().to(index_dtype), csr.col_indices().to(index_dtype),
+                                       csr.values(), csr.shape, check_invariants=False)  # valid: copied from a CSR
 
 
-def csr_bytes(weight: torch.Tensor) -> int:
+def csr_index_bytes(csr: torch.Tensor) -> int:
+    """Bytes of the indices of a CSR tensor: one column index per stored value plus rows + 1 row pointers."""
+    return sum(t.numel() * t.element_size() for t in (csr.col_indices(), csr.crow_indices()))
+
+
+def csr_bytes(weight: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> int:
     """Bytes of ``weight`` (2-D) in CSR: values, column indices, row pointers."""
-    csr = to_csr(weight)
-    return sum(t.numel() * t.element_size() for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
+    csr = to_csr(weight, index_dtype)
+    return csr.values().numel() * csr.values().element_size() + csr_index_bytes(csr)
 
 
 def count_weights(model: nn.Module, nonzero: bool = False) -> int:
