@@ -113,6 +113,17 @@ def gradual(model, loader, final, epochs):
     return model
 
 
+def gradual_to_the_end(model, loader, final, epochs):
+    """Wrong: the ramp ends at the very last step, so nothing recovers."""
+    ramp = epochs * len(loader)
+
+    def step(t):
+        if t % 5 == 0 or t == ramp:
+            prune_unstructured(model, round(final * (1 - (1 - min(t, ramp) / ramp) ** 3), 6))
+    train(model, loader, epochs=epochs, lr=0.05, on_step=step, progress=False)
+    return model
+
+
 def compression_budget(model, loader):
     prune_unstructured(model, 0.8)
     train(model, loader, epochs=3, lr=0.02, progress=False)
@@ -148,7 +159,8 @@ CASES = {  # check: (right answer, [wrong answers])
     "check_share_at_threshold": (lambda w, t: float((w.abs() <= t).float().mean()),
                                  [lambda w, t: float((w.abs() < t).float().mean()), lambda w, t: float((w <= t).float().mean())]),
     "check_total_sparsity": (lambda sizes, r: sum(n * r.get(k, 0.0) for k, n in sizes.items()) / sum(sizes.values()),
-                             [lambda sizes, r: sum(r.values()) / len(r), lambda sizes, r: sum(r.values()) / len(sizes)]),
+                             [lambda sizes, r: sum(r.values()) / len(r), lambda sizes, r: sum(r.values()) / len(sizes),
+                              lambda sizes, r: sum(round(n * r.get(k, 0.0)) for k, n in sizes.items()) / sum(sizes.values())]),
     "check_global_threshold": (
         lambda ws, r: float(torch.cat(ws).abs().kthvalue(max(1, round(r * sum(w.numel() for w in ws)))).values),
         [lambda ws, r: float(torch.cat(ws).abs().quantile(r))]),
@@ -173,7 +185,7 @@ CASES = {  # check: (right answer, [wrong answers])
     "check_semi_structured_mask": (mask_2_4, [lambda w: w.abs() >= w.abs().median(), semi_structured_mask]),
     "check_halve_macs": (halve_macs, [lambda m, e: m]),
     "check_mask_overlap": (overlap, [lambda a, b: float((a.bool() & b.bool()).float().mean())]),
-    "check_gradual_pruning": (gradual, [lambda m, l, f, e: (prune_unstructured(m, f), m)[1]]),
+    "check_gradual_pruning": (gradual, [lambda m, l, f, e: (prune_unstructured(m, f), m)[1], gradual_to_the_end]),
     "check_int8": (lambda w: (torch.round(w / (w.abs().max() / 127)).clamp(-127, 127).to(torch.int8), float(w.abs().max()) / 127),
                    [lambda w: (torch.round(w * 127).to(torch.int8), 1 / 127)]),
     "check_combined_compression": (lambda s, b: 32 / b / (1 - s), [lambda s, b: 1 / (1 - s)]),

@@ -698,19 +698,63 @@ def check_total_sparsity(fn: Callable[[dict[str, int], dict[str, float]], float]
     pruned at ``ratios[name]``; layers missing from ``ratios`` stay dense."""
     tables = [("LeNet-300-100-like", {"fc1": 235200, "fc2": 30000, "fc3": 1000}, {"fc1": 0.95, "fc2": 0.9, "fc3": 0.5}),
               ("one layer left dense", {"conv1": 150, "conv2": 2400, "fc1": 48000}, {"conv2": 0.5, "fc1": 0.9}),
-              ("equal sizes", {"a": 10, "b": 10}, {"a": 0.2, "b": 0.6})]
+              ("equal sizes", {"a": 10, "b": 10}, {"a": 0.2, "b": 0.6}),
+              ("counts that are not whole (exact, not rounded)", {"a": 3, "b": 7}, {"a": 0.5, "b": 0.5})]
     cases = [(label, (dict(sizes), dict(ratios)),
               sum(n * ratios.get(k, 0.0) for k, n in sizes.items()) / sum(sizes.values()))
              for label, sizes, ratios in tables]
     return run_check("overall sparsity of per-layer ratios", fn, cases, atol=1e-9)
 
 
+class _EpochWatch:
+    """A loader that records the model's Linear sparsity each time a pass over it (an epoch) starts."""
+
+    def __init__(self, loader: Any, model: nn.Module):
+        self.loader, self.model, self.starts = loader, model, []
+
+    def __iter__(self):
+        self.starts.append(_linear_sparsity(self.model))
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("loader", "model", "starts"):
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
 def check_gradual_pruning(fn: Callable[[nn.Module, Any, float, int], nn.Module]) -> Verdict:
     """Experiment: ``fn(model, train_loader, final, epochs) -> model``. ``model`` is an *untrained*
     toy MLP; train it for ``epochs`` epochs while raising its sparsity to ``final`` (prune during
     training, e.g. on a cubic schedule). The result must be ``final`` sparse (within 0.005) over its
-    Linear weights, with validation accuracy within 3 points of a dense model trained as long."""
-    return _check_pruned_toy("prune while training", fn, (0.95,), False, 0.03, lambda r: (r, 10))
+    Linear weights, with validation accuracy within 3 points of a dense model trained as long, and
+    the ramp must end before the last pass over ``train_loader`` starts (no weight is pruned in the
+    last epoch), so that at least the last epoch trains the pruned network."""
+    final, epochs = 0.95, 10
+    _, loader, val, dense = _trained_toy(0)
+    torch.manual_seed(1)
+    model = toy_model()
+    watched = _EpochWatch(loader, model)
+
+    def judge(got: Any) -> str | None:
+        got = _as_model(got)
+        if isinstance(got, str):
+            return got
+        s, acc = _linear_sparsity(got), toy_accuracy(got, val)
+        if abs(s - final) > 0.005:
+            return f"the Linear weights are {s:.3f} sparse; expected {final} (within 0.005)"
+        if not watched.starts:
+            return "train the model on train_loader (no pass over it started)"
+        if s - watched.starts[-1] > 1e-4:  # more than a rounding step: weights were pruned in the last epoch
+            return (f"the sparsity rose from {watched.starts[-1]:.4f} to {s:.4f} during the last epoch: end "
+                    "the ramp earlier, so that the last epoch(s) train the pruned network")
+        if acc < dense - 0.03:
+            return f"validation accuracy {acc:.1%}; it must stay within 3% of the dense model's {dense:.1%}"
+        return None
+
+    return run_check("prune while training", fn, [(f"sparsity {final}", (model, watched, final, epochs), judge)])
 
 
 # ----------------------------------------------------------------------------- chapter 8
