@@ -35,12 +35,14 @@ PAGES = sorted((ROOT / "chapters").glob("*.ipynb")) + [
 
 def prose(path: Path) -> str:
     """The page's reader-facing text (Markdown cells of a notebook, or the Markdown file), with
-    every run of white space as one space, so that a snippet may span a line break."""
+    glossary links as their words and every run of white space as one space, so that a snippet
+    may span a line break."""
     if path.suffix == ".md":
         text = path.read_text()
     else:
         cells = json.loads(path.read_text())["cells"]
         text = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    text = re.sub(r"\{term\}`([^`<]*?)\s*(?:<[^`>]*>)?`", r"\1", text)  # a glossary link reads as its word
     return re.sub(r"\s+", " ", text)
 
 
