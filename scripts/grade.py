@@ -187,7 +187,7 @@ def _rows(student: str, spec: list[dict], outcome: dict | None, failure: str | N
             answer = " ".join(answers.get(ex["label"], "").replace("**Your answer:**", "").split())
             row["points"] = ""
             row["message"] = ("grade by hand: no answer" if not answer or PLACEHOLDER in answer
-                              else f"grade by hand: {answer[:500]}")
+                              else f"grade by hand: {answer}")
         else:
             r = results.get(ex["label"], {"error": "not run"})
             if "error" in r:

@@ -6,7 +6,7 @@
 A chapter follows the book's exercise convention: the exercise text is a Markdown cell tagged
 ``exercise`` + ``ex-C-N``, the reader's cell is tagged ``stub`` + ``ex-C-N``, and every cell of
 the solution dropdown (reference code, answer key) is tagged ``solution`` + ``ex-C-N``. The copy
-drops the ``solution`` cells, turns the exercise directives into plain headings (Jupyter and
+drops the ``solution`` cells (and the sentence pointing at them), turns the exercise directives into plain headings (Jupyter and
 Colab do not render them), clears every output, keeps the checks and the Colab set-up cell, and
 adds a short header saying what to do and how the copy is graded.
 """
@@ -24,6 +24,9 @@ import nbformat
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISE = re.compile(r"`{3,}\{exercise-start\}\s*\n:label:\s*(\S+)\s*\n`{3,}\s*\n(.*?)\n?`{3,}\{exercise-end\}\s*\n`{3,}",
                       re.S)
+
+# The chapters' exercise introductions point at the site's solution dropdowns, which a copy lacks.
+SOLUTIONS_NOTE = re.compile(r"\s*Solutions are in the collapsed dropdowns: try first\.")
 
 HEADER = """> **Student copy.** Run the notebook top to bottom (on Colab: *Runtime → Run all*). Each
 > exercise at the end has a cell of its own: replace `...  # your code here` with your code and
@@ -65,6 +68,8 @@ def student_copy(nb: nbformat.NotebookNode, source_name: str) -> nbformat.Notebo
             cell.metadata.pop("execution", None)
         if "exercise" in tags(cell):
             cell.source = exercise_heading(cell.source)
+        if cell.cell_type == "markdown":
+            cell.source = SOLUTIONS_NOTE.sub("", cell.source)
         cells.append(cell)
     first_markdown = next(i for i, c in enumerate(cells) if c.cell_type == "markdown")
     header = nbformat.v4.new_markdown_cell(HEADER, metadata={"tags": ["student-header"]})

@@ -124,6 +124,13 @@ def gradual_to_the_end(model, loader, final, epochs):
     return model
 
 
+def gradual_one_epoch_more(model, loader, final, epochs):
+    """Wrong: one extra epoch hides a ramp that ends at the last step of the asked epochs."""
+    gradual_to_the_end(model, loader, final, epochs)
+    train(model, loader, epochs=1, lr=0.05, progress=False)
+    return model
+
+
 def compression_budget(model, loader):
     prune_unstructured(model, 0.8)
     train(model, loader, epochs=3, lr=0.02, progress=False)
@@ -185,7 +192,8 @@ CASES = {  # check: (right answer, [wrong answers])
     "check_semi_structured_mask": (mask_2_4, [lambda w: w.abs() >= w.abs().median(), semi_structured_mask]),
     "check_halve_macs": (halve_macs, [lambda m, e: m]),
     "check_mask_overlap": (overlap, [lambda a, b: float((a.bool() & b.bool()).float().mean())]),
-    "check_gradual_pruning": (gradual, [lambda m, l, f, e: (prune_unstructured(m, f), m)[1], gradual_to_the_end]),
+    "check_gradual_pruning": (gradual, [lambda m, l, f, e: (prune_unstructured(m, f), m)[1], gradual_to_the_end,
+                              gradual_one_epoch_more]),
     "check_int8": (lambda w: (torch.round(w / (w.abs().max() / 127)).clamp(-127, 127).to(torch.int8), float(w.abs().max()) / 127),
                    [lambda w: (torch.round(w * 127).to(torch.int8), 1 / 127)]),
     "check_combined_compression": (lambda s, b: 32 / b / (1 - s), [lambda s, b: 1 / (1 - s)]),

@@ -110,6 +110,7 @@ def test_student_copy_has_no_solution_and_no_output(path, tmp_path):
     assert all(c.outputs == [] and c.execution_count is None for c in copy_.cells if c.cell_type == "code")
     assert sum("google.colab" in c.source for c in copy_.cells) == 1
     assert "Student copy" in copy_.cells[1].source
+    assert "collapsed dropdowns" not in text, "the copy has no solutions to point at"
     stubs = [c for c in copy_.cells if "stub" in tags(c)]
     assert len(stubs) == len(exercise_labels(nb)) and all("check_" in c.source for c in stubs if c.cell_type == "code")
     nbformat.validate(copy_)

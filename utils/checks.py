@@ -43,6 +43,8 @@ def _compare(got: Any, want: Any, atol: float) -> str | None:
     if isinstance(got, _Reason):
         return got.text
     if got is None:
+        if isinstance(want, float) and math.isinf(want):
+            return "got None; expected math.inf, the answer for 'never' (return math.inf, not None)"
         return "got None: does your function `return` its result?"
     if callable(want) and not isinstance(want, (Tensor, type)):
         return want(got)
@@ -50,13 +52,16 @@ def _compare(got: Any, want: Any, atol: float) -> str | None:
         if not isinstance(got, Tensor):
             return f"expected {_describe(want)}, got {_describe(got)}"
         if got.shape != want.shape:
+            if want.dim() == 1 and got.dim() == 1:
+                return f"expected {len(want)} values, got {len(got)}"
             return f"expected shape {tuple(want.shape)}, got shape {tuple(got.shape)}"
         if want.dtype == torch.bool:
             wrong = int((got.bool() != want).sum())
             return None if wrong == 0 else f"{wrong} of {want.numel()} entries differ from the expected mask"
         if got.is_complex() or not torch.allclose(got.detach().double(), want.double(), atol=atol, rtol=0):
             worst = float((got.detach().double() - want.double()).abs().max()) if not got.is_complex() else math.inf
-            return f"values differ from the expected ones by up to {worst:.3g} (tolerance {atol:g})"
+            shown = f": expected {[round(v, 6) for v in want.tolist()]}" if want.dim() == 1 and len(want) <= 8 else ""
+            return f"values differ from the expected ones by up to {worst:.3g} (tolerance {atol:g}){shown}"
         return None
     if isinstance(want, float):
         if isinstance(got, bool) or not isinstance(got, (int, float)):
@@ -747,11 +752,14 @@ def check_gradual_pruning(fn: Callable[[nn.Module, Any, float, int], nn.Module])
             return f"the Linear weights are {s:.3f} sparse; expected {final} (within 0.005)"
         if not watched.starts:
             return "train the model on train_loader (no pass over it started)"
+        if len(watched.starts) != epochs:
+            return f"train for exactly {epochs} epochs: {len(watched.starts)} passes over train_loader started"
         if s - watched.starts[-1] > 1e-4:  # more than a rounding step: weights were pruned in the last epoch
-            return (f"the sparsity rose from {watched.starts[-1]:.4f} to {s:.4f} during the last epoch: end "
-                    "the ramp earlier, so that the last epoch(s) train the pruned network")
+            return (f"the sparsity rose from {watched.starts[-1]:.4f} to {s:.4f} after the last epoch started: "
+                    "end the ramp earlier, so that the last epoch(s) train the pruned network")
         if acc < dense - 0.03:
-            return f"validation accuracy {acc:.1%}; it must stay within 3% of the dense model's {dense:.1%}"
+            return (f"validation accuracy {acc:.1%}; it must stay within 3 percentage points of the dense "
+                    f"model's {dense:.1%}")
         return None
 
     return run_check("prune while training", fn, [(f"sparsity {final}", (model, watched, final, epochs), judge)])
