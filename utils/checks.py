@@ -377,6 +377,18 @@ def check_share_at_threshold(fn: Callable[[Tensor, float], float]) -> Verdict:
     return run_check("share pruned at a threshold", fn, cases, forbid=(smallest_k, pruning.prune_unstructured))
 
 
+def _sparse_toy_model(got: Any, ratio: float, val: tuple) -> tuple[str | None, float, float]:
+    """(what is wrong or None, Linear sparsity, validation accuracy) of a returned toy model that
+    must be ``ratio`` sparse within 0.005."""
+    got = _as_model(got)
+    if isinstance(got, str):
+        return got, math.nan, math.nan
+    s = _linear_sparsity(got)
+    if abs(s - ratio) > 0.005:
+        return f"the Linear weights are {s:.3f} sparse; expected {ratio} (within 0.005)", s, math.nan
+    return None, s, toy_accuracy(got, val)
+
+
 def _check_pruned_toy(title: str, fn: Callable, ratios: Sequence[float], trained: bool, floor: float,
                       extra: Callable[[float], tuple]) -> Verdict:
     """Shared judge: the model ``fn`` returns must be ``ratio`` sparse (within 0.005) over its
@@ -389,15 +401,12 @@ def _check_pruned_toy(title: str, fn: Callable, ratios: Sequence[float], trained
             model = toy_model()
 
         def judge(got: Any, ratio=ratio, val=val, dense=dense) -> str | None:
-            got = _as_model(got)
-            if isinstance(got, str):
-                return got
-            s, acc = _linear_sparsity(got), toy_accuracy(got, val)
-            if abs(s - ratio) > 0.005:
-                return f"the Linear weights are {s:.3f} sparse; expected {ratio} (within 0.005)"
+            problem, _, acc = _sparse_toy_model(got, ratio, val)
+            if problem:
+                return problem
             if acc < dense - floor:
-                return (f"validation accuracy {acc:.1%}; it must stay within {floor:.0%} of the dense "
-                        f"model's {dense:.1%}")
+                return (f"validation accuracy {acc:.1%}; it must stay within {floor * 100:g} percentage "
+                        f"points of the dense model's {dense:.1%}")
             return None
         cases.append((f"sparsity {ratio}", (model, loader) + extra(ratio), judge))
     return run_check(title, fn, cases)
@@ -744,12 +753,9 @@ def check_gradual_pruning(fn: Callable[[nn.Module, Any, float, int], nn.Module])
     watched = _EpochWatch(loader, model)
 
     def judge(got: Any) -> str | None:
-        got = _as_model(got)
-        if isinstance(got, str):
-            return got
-        s, acc = _linear_sparsity(got), toy_accuracy(got, val)
-        if abs(s - final) > 0.005:
-            return f"the Linear weights are {s:.3f} sparse; expected {final} (within 0.005)"
+        problem, s, acc = _sparse_toy_model(got, final, val)
+        if problem:
+            return problem
         if not watched.starts:
             return "train the model on train_loader (no pass over it started)"
         if len(watched.starts) != epochs:
