@@ -62,29 +62,53 @@ def _latex_to_text(text: str) -> str:
 
 
 def read_bib(path: Path = ROOT / "book" / "references.bib") -> dict[str, dict]:
-    """A small reader for the book's BibTeX (one field per line, braces)."""
-    entries, current = {}, None
-    for line in path.read_text(encoding="utf8").splitlines():
-        m = re.match(r"\s*@(\w+)\s*\{\s*([^,\s]+)\s*,", line)
-        if m:
-            current = entries.setdefault(m.group(2), {"type": m.group(1).lower()})
-            continue
-        m = re.match(r"\s*(\w+)\s*=\s*[{\"](.*?)[}\"]\s*,?\s*$", line)
-        if m and current is not None:
-            current[m.group(1).lower()] = _latex_to_text(m.group(2).strip())
+    """A small reader for the book's BibTeX: ``field = {...}`` (braces balanced, over several
+    lines if need be), ``"..."`` or a bare number. Author names keep their braces (``{{PyTorch
+    Team}}`` is one name); other fields become plain text."""
+    text, entries = path.read_text(encoding="utf8"), {}
+    for m in re.finditer(r"@(\w+)\s*\{\s*([^,\s]+)\s*,", text):
+        entry, i = {"type": m.group(1).lower()}, m.end()
+        while (f := re.compile(r"\s*(\w+)\s*=\s*").match(text, i)):
+            i = f.end()
+            if text[i] == "{":
+                depth, j = 0, i
+                while True:
+                    depth += {"{": 1, "}": -1}.get(text[j], 0)
+                    if depth == 0:
+                        break
+                    j += 1
+                value, i = text[i + 1:j], j + 1
+            else:
+                v = re.compile(r'"([^"]*)"|(\w+)').match(text, i)
+                value, i = v.group(1) or v.group(2), v.end()
+            value = " ".join(value.split())
+            name = f.group(1).lower()
+            entry[name] = value if name == "author" else _latex_to_text(value)
+            i = re.compile(r"\s*,?").match(text, i).end()
+        entries.setdefault(m.group(2), entry)
     return entries
 
 
 def _surnames(entry: dict) -> list[str]:
-    names = [n.strip() for n in entry.get("author", "Anonymous").split(" and ")]
-    return [n.split(",")[0].strip() if "," in n else n.split()[-1] for n in names]
+    """Surnames in order; a braced name (an organisation) whole; "others" as "et al."."""
+    names = re.split(r"\s+and\s+(?![^{]*\})", entry.get("author", "Anonymous"))
+    out = []
+    for n in (n.strip() for n in names):
+        if n == "others":
+            out.append("et al.")
+        elif n.startswith("{") and n.endswith("}"):
+            out.append(_latex_to_text(n))
+        else:
+            n = _latex_to_text(n)
+            out.append(n.split(",")[0].strip() if "," in n else n.split()[-1])
+    return out
 
 
 def author_year(entry: dict) -> tuple[str, str]:
     names = _surnames(entry)
     if len(names) == 1:
         who = names[0]
-    elif len(names) == 2:
+    elif len(names) == 2 and names[1] != "et al.":
         who = f"{names[0]} and {names[1]}"
     else:
         who = f"{names[0]} et al."
@@ -92,11 +116,12 @@ def author_year(entry: dict) -> tuple[str, str]:
 
 
 def reference_line(entry: dict) -> str:
-    who = ", ".join(_surnames(entry))
+    who = ", ".join(_surnames(entry)).replace(", et al.", " et al.")
     venue = entry.get("journal") or entry.get("booktitle") or entry.get("publisher") or ""
     link = entry.get("url") or (f"https://doi.org/{entry['doi']}" if entry.get("doi") else "")
     title = f"[{entry.get('title', '')}]({link})" if link else entry.get("title", "")
-    return f"- {who} ({entry.get('year', 'n.d.')}). {title}." + (f" *{venue}*." if venue else "")
+    end = "" if re.search(r"[.?!]\)?$", title) else "."
+    return f"- {who} ({entry.get('year', 'n.d.')}). {title}{end}" + (f" *{venue}*." if venue else "")
 
 
 # --- Markdown ----------------------------------------------------------------------------------

@@ -89,3 +89,32 @@ def test_the_colab_button_opens_the_colab_copy():
     book_site.colab_copy_buttons(None, "book/intro", "page.html",
                                  {"header_buttons": [{"buttons": [other]}]}, None)
     assert other["url"].endswith("book/intro.ipynb")
+
+
+def test_bibliography_reader_handles_long_fields_organisations_and_others(tmp_path):
+    bib = tmp_path / "r.bib"
+    bib.write_text("""@article{a,
+  title   = {A {Long} Title that
+             runs over two lines?},
+  author  = {Howard, Andrew and
+             Sandler, Mark and Chu, Grace},
+  year    = {2019}
+}
+@misc{b,
+  author = {{PyTorch Team}},
+  title  = {Docs},
+  year   = 2026
+}
+@inproceedings{c,
+  author = {Paszke, Adam and others},
+  title = {PyTorch},
+  year = {2019}
+}
+""")
+    entries = colab_pages.read_bib(bib)
+    assert colab_pages.author_year(entries["a"]) == ("Howard et al.", "2019")
+    assert entries["a"]["title"] == "A Long Title that runs over two lines?"
+    assert colab_pages.author_year(entries["b"]) == ("PyTorch Team", "2026")
+    assert colab_pages.author_year(entries["c"]) == ("Paszke et al.", "2019")
+    assert colab_pages.reference_line(entries["a"]).startswith("- Howard, Sandler, Chu (2019). A Long")
+    assert "?." not in colab_pages.reference_line(entries["a"])
