@@ -341,7 +341,7 @@ def test_browser_solutions_collapsed_until_clicked_and_exercises_numbered(site, 
     from selenium.webdriver.common.by import By
 
     root, base = site
-    colab_pages = _load("colab_pages", ROOT / "scripts" / "colab_pages.py")
+    colab_pages = load_file(ROOT / "scripts" / "colab_pages.py")
     problems, solutions = [], 0
     for page in _chapter_pages(root):
         _open(driver, f"{base}/{page}")
