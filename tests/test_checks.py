@@ -102,26 +102,25 @@ def overlap(a, b):
     return float((a & b).sum()) / either if either else 1.0
 
 
-def gradual(model, loader, final, epochs):
-    total = epochs * len(loader)
-    ramp = int(0.7 * total)
+def cubic_ramp(model, loader, final, epochs, ramp_share=0.7):
+    """Train while raising the sparsity to ``final`` on a cubic schedule that ends after
+    ``ramp_share`` of the steps."""
+    ramp = int(ramp_share * epochs * len(loader))
 
     def step(t):
         if t % 5 == 0 or t == ramp:
             prune_unstructured(model, round(final * (1 - (1 - min(t, ramp) / ramp) ** 3), 6))
     train(model, loader, epochs=epochs, lr=0.05, on_step=step, progress=False)
     return model
+
+
+def gradual(model, loader, final, epochs):
+    return cubic_ramp(model, loader, final, epochs)
 
 
 def gradual_to_the_end(model, loader, final, epochs):
     """Wrong: the ramp ends at the very last step, so nothing recovers."""
-    ramp = epochs * len(loader)
-
-    def step(t):
-        if t % 5 == 0 or t == ramp:
-            prune_unstructured(model, round(final * (1 - (1 - min(t, ramp) / ramp) ** 3), 6))
-    train(model, loader, epochs=epochs, lr=0.05, on_step=step, progress=False)
-    return model
+    return cubic_ramp(model, loader, final, epochs, ramp_share=1.0)
 
 
 def gradual_one_epoch_more(model, loader, final, epochs):
