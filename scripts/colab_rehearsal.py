@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WHEEL_VAR = "PRUNING_BOOK_WHEEL"
 # What a Colab runtime has before the set-up cell runs (not the book's pins), plus the executors.
 PLATFORM = ["torch==2.14.1", "torchvision==0.29.1"]
-COLAB_PREINSTALLED = ["numpy", "pandas", "matplotlib", "scikit-learn", "psutil", "tqdm", "ipykernel"]
+COLAB_PREINSTALLED = ["numpy", "pandas", "matplotlib", "scikit-learn", "psutil", "tqdm", "numba", "ipykernel"]
 EXECUTORS = ["nbclient", "nbformat", "pytest", "nbval"]
 CACHE = Path(os.environ.get("PRUNING_BOOK_REHEARSAL_CACHE", Path.home() / ".cache" / "pruning-book" / "rehearsal"))
 

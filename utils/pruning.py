@@ -24,7 +24,8 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import prune as torch_prune
 
 from utils.graph import following_batchnorms, output_layers
-from utils.threshold import Buffers, Source, Threshold, chunks, count_ones, keep, kth_smallest, ties_in
+from utils.threshold import (Buffers, Source, Threshold, chunks, count_ones, keep, kth_smallest, ties_in,
+                             use_kernels)
 
 PRUNABLE = (nn.Linear, _ConvNd)  # Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d
 SCOPES = ("global", "local")
@@ -167,7 +168,8 @@ def _magnitude(t: _Tensor, dtype: torch.dtype) -> Source:
         if flat_mask is not None:
             s.masked_fill_(flat_mask[sel] == 0, -1.0)
         return s
-    return Source(score_of, w.numel(), dtype, w.device)
+    plain = mask is None and w.device.type == "cpu" and w.dtype == dtype
+    return Source(score_of, w.numel(), dtype, w.device, w.detach().numpy() if plain else None)
 
 
 def smallest_k(scores: Tensor, k: int) -> Tensor:
@@ -264,12 +266,15 @@ def _zero_weights(tensors: list[_Tensor], sources: list[Source], thresholds: lis
     """Apply the thresholds chunk by chunk, as masks or (``inplace``) by multiplying by 0/1."""
     out: dict = {}
     shared = all(th is thresholds[0] for th in thresholds)
+    fast = use_kernels(sources)
     for i, (t, src, th) in enumerate(zip(tensors, sources, thresholds)):
         w, source = _flat(t.weight), i if shared else 0
         full_mask = None if inplace else torch.empty_like(t.weight)  # same memory order as the weight
         mask = None if inplace else _flat(full_mask)
         kept = 0
-        for sel in chunks(src.n, src.device):
+        if fast:
+            kept = _zero_compiled(src, th, th.ties.get(source), w if inplace else None, mask)
+        for sel in [] if fast else chunks(src.n, src.device):
             s_buf, flags, _ = buffers.get(src, sel.stop - sel.start)
             if mask is not None and mask.dtype == src.dtype:
                 flags = mask[sel]  # write the 0/1 mask in place
@@ -286,6 +291,21 @@ def _zero_weights(tensors: list[_Tensor], sources: list[Source], thresholds: lis
                 _apply_mask(m, "weight", full_mask)
                 out[name] = full_mask.bool()
     return out
+
+
+def _zero_compiled(src: Source, th: Threshold, ties: Tensor | None, w: Tensor | None,
+                   mask: Tensor | None) -> int:
+    """``_zero_weights`` for one tensor by the compiled loops: zero the weights below the
+    threshold in place (``w``) or write the 0/1 ``mask``, then the tied positions; kept count."""
+    from utils import kernels
+    ties = torch.zeros(0, dtype=torch.long) if ties is None else ties
+    if w is not None:
+        kept = src.n - kernels.zero_below(src.array, th.value)
+        w[ties] = 0
+    else:
+        kept = kernels.keep_flags(src.array, th.value, mask.numpy())
+        mask[ties] = 0
+    return kept - len(ties)
 
 
 # ----------------------------------------------------------------------------- equation 3.2

@@ -5,7 +5,9 @@ one buffer costs as much memory as the model (gigabytes for a large one). Here s
 computed chunk by chunk into one reused buffer: a random sample brackets the k-th value,
 one pass counts the scores below the bracket and gathers the few inside it, and the exact
 value is picked from those. Ties are resolved by position (earliest first), so counts are
-exact and choices are deterministic on every device and dtype.
+exact and choices are deterministic on every device and dtype. For many scores that are the
+magnitudes of float32 or float64 CPU weights, compiled loops (``utils.kernels``) do the
+counting and gathering in one read each.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,6 +24,7 @@ from torch import Tensor
 ScoreFn = Callable[..., Tensor]
 SMALL = 1 << 17  # up to this many scores, all are looked at at once
 BLOCK = 16  # block length of the two-step nonzero
+KERNELS_FROM = 1 << 22  # scores in all from which the compiled loops run (a one-off compile of seconds)
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,23 @@ class Threshold:
 
 @dataclass(frozen=True)
 class Source:
-    """The scores of one tensor: a function of positions, their number, dtype and device."""
+    """The scores of one tensor: a function of positions, their number, dtype and device;
+    ``array``, where the scores are the magnitudes of a float32 or float64 CPU tensor with no
+    mask, is a 1-D numpy view of that tensor, for the compiled loops."""
     score_of: ScoreFn
     n: int
     dtype: torch.dtype
     device: torch.device
+    array: object = None
+
+
+def use_kernels(sources: Sequence[Source]) -> bool:
+    """Whether the compiled loops of ``utils.kernels`` serve these sources: many scores, all
+    magnitudes of plain CPU arrays, and numba importable."""
+    if sum(s.n for s in sources) < KERNELS_FROM or any(s.array is None for s in sources):
+        return False
+    from utils import kernels  # imports numba: only when needed
+    return kernels.available()
 
 
 def chunk_size(device: torch.device) -> int:
@@ -104,9 +120,12 @@ def kth_smallest(sources: Sequence[Source], k: int, buffers: Buffers | None = No
 
 def _pick(found: list[tuple[int, Tensor, Tensor]], rank: int) -> Threshold:
     """The ``rank``-th smallest of the gathered (source, positions, values), with its ties."""
-    values = torch.cat([v.double().cpu() for _, _, v in found])
-    value = torch.kthvalue(values, rank).values
-    ties_left, ties = rank - int((values < value).sum()), {}
+    parts = [v.cpu() for _, _, v in found]
+    if len({p.dtype for p in parts}) > 1 or parts[0].dtype in (torch.float16, torch.bfloat16):
+        parts = [p.double() for p in parts]  # exact for every score dtype numpy lacks
+    values = torch.cat(parts).numpy()
+    value = values.dtype.type(np.partition(values, rank - 1)[rank - 1])  # numpy's is ~5x torch's
+    ties_left, ties = rank - int(np.count_nonzero(values < value)), {}
     for i, pos, v in found:  # in flat order: sources in order, chunks in order
         if ties_left > 0:
             at = pos[(v == value).nonzero().squeeze(1)[:ties_left].to(pos.device)]
@@ -137,6 +156,14 @@ def _gather(sources: Sequence[Source], lo: float, hi: float,
     positions, as (source index, positions, values) per chunk."""
     at_most_lo = n_inside = 0
     found = []
+    if use_kernels(sources):
+        from utils import kernels
+        for i, src in enumerate(sources):
+            below, pos, values = kernels.band(src.array, lo, hi)
+            at_most_lo, n_inside = at_most_lo + below, n_inside + len(pos)
+            if len(pos):
+                found.append((i, torch.from_numpy(pos), torch.from_numpy(values)))
+        return at_most_lo, at_most_lo + n_inside, found
     for i, src in enumerate(sources):
         for sel in chunks(src.n, src.device):
             s, below, above = buffers.get(src, sel.stop - sel.start)

@@ -1,0 +1,156 @@
+"""The compiled loops of utils.kernels: the same results as numpy and as the eager path."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import utils.threshold
+from utils import kernels
+from utils.pruning import prune_unstructured
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+DTYPES = (np.float32, np.float64)
+
+
+def values(dtype):
+    """Arrays with zeros of both signs, ties, tiny and huge values and infinities."""
+    special = st.sampled_from([0.0, -0.0, 0.5, -0.5, 1e-30, -1e-30, 3e38, np.inf, -np.inf])
+    element = st.one_of(special, st.floats(-2, 2, width=32))
+    return st.lists(element, min_size=0, max_size=300).map(lambda v: np.array(v, dtype))
+
+
+bounds = st.one_of(st.sampled_from([-np.inf, -1.0, -0.0, 0.0, 0.5, 1e-30, 3e38, np.inf]), st.floats(-1, 2.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_band_counts_and_gathers_like_numpy(dtype, data):
+    x, lo, hi = data.draw(values(dtype)), data.draw(bounds), data.draw(bounds)
+    a, lo_, hi_ = np.abs(x), dtype(lo), dtype(hi)
+    at_most_lo, positions, found = kernels.band(x, lo, hi)
+    inside = (a > lo_) & (a < hi_)
+    assert at_most_lo == np.count_nonzero(a <= lo_)
+    assert np.array_equal(positions, np.flatnonzero(inside)) and np.array_equal(found, a[inside])
+    assert found.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_zero_below_and_keep_flags_like_numpy(dtype, data):
+    x, value = data.draw(values(dtype)), data.draw(bounds)
+    small = np.abs(x) < dtype(value)
+    flags = np.full_like(x, 7)
+    assert kernels.keep_flags(x, value, flags) == np.count_nonzero(~small)
+    assert np.array_equal(flags, (~small).astype(dtype))
+    y = x.copy()
+    assert kernels.zero_below(y, value) == np.count_nonzero(small)
+    assert np.array_equal(y, np.where(small, 0, x))
+
+
+def test_loops_split_long_arrays_into_blocks_in_order():
+    x = np.random.default_rng(0).standard_normal((1 << 17) * 3 + 5).astype(np.float32)
+    assert kernels._blocks(x.size) > 1
+    at_most_lo, positions, found = kernels.band(x, 0.1, 0.2)
+    inside = (np.abs(x) > np.float32(0.1)) & (np.abs(x) < np.float32(0.2))
+    assert at_most_lo == np.count_nonzero(np.abs(x) <= np.float32(0.1))
+    assert np.array_equal(positions, np.flatnonzero(inside))
+
+
+def test_loops_refuse_what_they_cannot_read():
+    for bad in (np.zeros(4, np.float16), np.zeros((2, 2), np.float32), np.zeros(8, np.float32)[::2]):
+        with pytest.raises(ValueError, match="1-D contiguous float32 or float64"):
+            kernels.band(bad, 0.0, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.keep_flags(np.zeros(4, np.float32), 0.5, np.zeros(3, np.float32))
+
+
+def mixed_model(seed, dtype, ties, channels_last):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(36, 10, bias=False),
+                          nn.Linear(10, 10), nn.Linear(10, 10)).to(dtype)
+    if seed % 2:
+        model[5].weight = model[4].weight  # a shared tensor, counted once
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if ties:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randint(-3, 4, p.shape) / 4)
+    return model
+
+
+@pytest.fixture
+def kernels_everywhere(monkeypatch):
+    """Let the compiled loops serve even small models, and count their calls."""
+    calls = []
+    band = kernels.band
+    monkeypatch.setattr(utils.threshold, "KERNELS_FROM", 0)
+    monkeypatch.setattr(kernels, "band", lambda *a: calls.append(a) or band(*a))
+    return calls
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 1000), dtype=st.sampled_from([torch.float32, torch.float64]),
+       ratio=st.floats(0, 1), scope=st.sampled_from(["global", "local"]), inplace=st.booleans(),
+       ties=st.booleans(), channels_last=st.booleans())
+def test_the_compiled_path_prunes_exactly_like_the_eager_path(seed, dtype, ratio, scope, inplace, ties,
+                                                              channels_last):
+    eager, compiled = (mixed_model(seed, dtype, ties, channels_last) for _ in range(2))
+    expected = prune_unstructured(eager, ratio, scope, inplace=inplace)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils.threshold, "KERNELS_FROM", 0)
+        got = prune_unstructured(compiled, ratio, scope, inplace=inplace)
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert got[name] == expected[name] if inplace else torch.equal(got[name], expected[name])
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_the_compiled_path_is_taken(kernels_everywhere):
+    prune_unstructured(mixed_model(1, torch.float32, False, False), 0.5, inplace=True)
+    assert kernels_everywhere, "kernels.band was not called"
+
+
+def test_a_large_model_takes_the_compiled_path_and_a_small_one_does_not(monkeypatch):
+    calls = []
+    band = kernels.band
+    monkeypatch.setattr(kernels, "band", lambda *a: calls.append(a) or band(*a))
+    prune_unstructured(nn.Linear(64, 64), 0.5, inplace=True)
+    assert not calls
+    prune_unstructured(nn.Linear(2048, 2048), 0.5, inplace=True)  # 4 M weights
+    assert calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_other_dtypes_and_masked_weights_stay_on_the_eager_path(kernels_everywhere, dtype):
+    prune_unstructured(mixed_model(2, dtype, False, False), 0.5)
+    model = mixed_model(2, torch.float32, False, False)
+    prune_unstructured(model, 0.3)  # masks now: the scores are not plain magnitudes
+    kernels_everywhere.clear()
+    prune_unstructured(model, 0.6)
+    assert not kernels_everywhere
+
+
+def test_without_numba_the_eager_path_gives_the_same_result(monkeypatch):
+    a, b = mixed_model(3, torch.float32, True, False), mixed_model(3, torch.float32, True, False)
+    monkeypatch.setattr(utils.threshold, "KERNELS_FROM", 0)
+    prune_unstructured(a, 0.6, inplace=True)
+    monkeypatch.setattr(kernels, "numba", None)
+    assert not kernels.available()
+    prune_unstructured(b, 0.6, inplace=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_nan_weights_are_refused_before_anything_changes(kernels_everywhere):
+    model = mixed_model(4, torch.float32, False, False)
+    with torch.no_grad():
+        model[3].weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        prune_unstructured(model, 0.5, inplace=True)
+    assert all(torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in model.state_dict().items())
