@@ -1,4 +1,9 @@
 """The compiled loops of utils.kernels: the same results as numpy and as the eager path."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -93,13 +98,29 @@ def kernels_everywhere(monkeypatch):
     return calls
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 1000), dtype=st.sampled_from([torch.float32, torch.float64]),
-       ratio=st.floats(0, 1), scope=st.sampled_from(["global", "local"]), inplace=st.booleans(),
-       ties=st.booleans(), channels_last=st.booleans())
-def test_the_compiled_path_prunes_exactly_like_the_eager_path(seed, dtype, ratio, scope, inplace, ties,
-                                                              channels_last):
-    eager, compiled = (mixed_model(seed, dtype, ties, channels_last) for _ in range(2))
+def big_model(seed, dtype, ties, channels_last):
+    """Over utils.threshold.SMALL weights (so a sampled bracket) and several blocks per layer."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(7, 389, 7, bias=False), nn.Flatten(), nn.Linear(401, 397)).to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if ties:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randint(-40, 41, p.shape) / 64)
+    return model
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit: torch.equal takes -0.0 for 0.0."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(ints), b.view(ints))
+
+
+def assert_both_paths_agree(make, ratio, scope, inplace):
+    eager, compiled = make(), make()
     expected = prune_unstructured(eager, ratio, scope, inplace=inplace)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(utils.threshold, "KERNELS_FROM", 0)
@@ -108,7 +129,37 @@ def test_the_compiled_path_prunes_exactly_like_the_eager_path(seed, dtype, ratio
     for name in got:
         assert got[name] == expected[name] if inplace else torch.equal(got[name], expected[name])
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
-        assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert same_bits(a, b), name
+
+
+settings_both = dict(seed=st.integers(0, 1000), dtype=st.sampled_from([torch.float32, torch.float64]),
+                     ratio=st.floats(0, 1), scope=st.sampled_from(["global", "local"]), inplace=st.booleans(),
+                     ties=st.booleans(), channels_last=st.booleans())
+
+
+@settings(max_examples=40, deadline=None)
+@given(**settings_both)
+def test_the_compiled_path_prunes_exactly_like_the_eager_path(seed, dtype, ratio, scope, inplace, ties,
+                                                              channels_last):
+    assert_both_paths_agree(lambda: mixed_model(seed, dtype, ties, channels_last), ratio, scope, inplace)
+
+
+@settings(max_examples=12, deadline=None)
+@given(**settings_both)
+def test_both_paths_agree_on_models_with_a_sampled_bracket_and_many_blocks(seed, dtype, ratio, scope, inplace,
+                                                                           ties, channels_last):
+    assert_both_paths_agree(lambda: big_model(seed, dtype, ties, channels_last), ratio, scope, inplace)
+
+
+def test_both_paths_agree_on_two_parameters_sharing_one_storage():
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        with torch.no_grad():
+            model[0].weight.copy_(torch.randint(-2, 3, (8, 8)) / 2)
+        model[1].weight = nn.Parameter(model[0].weight.data)  # another Parameter, the same memory
+        return model
+    assert_both_paths_agree(make, 0.5, "global", inplace=True)
 
 
 def test_the_compiled_path_is_taken(kernels_everywhere):
@@ -129,11 +180,61 @@ def test_a_large_model_takes_the_compiled_path_and_a_small_one_does_not(monkeypa
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_other_dtypes_and_masked_weights_stay_on_the_eager_path(kernels_everywhere, dtype):
     prune_unstructured(mixed_model(2, dtype, False, False), 0.5)
-    model = mixed_model(2, torch.float32, False, False)
-    prune_unstructured(model, 0.3)  # masks now: the scores are not plain magnitudes
-    kernels_everywhere.clear()
-    prune_unstructured(model, 0.6)
     assert not kernels_everywhere
+    model = mixed_model(2, torch.float32, False, False)
+    prune_unstructured(model, 0.3)
+    assert kernels_everywhere
+    kernels_everywhere.clear()
+    prune_unstructured(model, 0.6)  # masks now: the scores are not plain magnitudes
+    assert not kernels_everywhere
+
+
+def test_not_available_without_jit_or_in_a_forked_process(monkeypatch):
+    kernels.band(np.ones(4, np.float32), 0.0, 2.0)  # the thread pool has started in this process
+    assert kernels.available()
+    monkeypatch.setattr(kernels.os, "getpid", lambda: -1)
+    assert not kernels.available()
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels.numba.config, "DISABLE_JIT", True)
+    assert not kernels.available()
+
+
+FORK_AND_THREADS = """
+import os, sys, threading
+import torch
+from torch import nn
+import utils.threshold
+from utils import kernels
+from utils.pruning import prune_unstructured
+utils.threshold.KERNELS_FROM = 0
+torch.set_num_threads(1)
+errors = []
+def job():
+    try:
+        torch.manual_seed(1)
+        prune_unstructured(nn.Linear(512, 512), 0.5, inplace=True)
+    except Exception as e:
+        errors.append(e)
+threads = [threading.Thread(target=job) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+pid = os.fork()
+if pid == 0:  # like a DataLoader worker: torch ops, and pruning on the eager path
+    job()
+    os._exit(0 if not errors and not kernels.available() else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_concurrent_calls_and_a_forked_child_after_the_compiled_path_run(tmp_path):
+    script = tmp_path / "fork_and_threads.py"
+    script.write_text(FORK_AND_THREADS)
+    env = {**os.environ, "PYTHONPATH": str(Path(utils.threshold.__file__).parents[1])}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_without_numba_the_eager_path_gives_the_same_result(monkeypatch):
@@ -146,7 +247,7 @@ def test_without_numba_the_eager_path_gives_the_same_result(monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
-def test_nan_weights_are_refused_before_anything_changes(kernels_everywhere):
+def test_nan_weights_are_refused_before_the_compiled_path_changes_anything(kernels_everywhere):
     model = mixed_model(4, torch.float32, False, False)
     with torch.no_grad():
         model[3].weight[0, 0] = float("nan")

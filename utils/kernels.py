@@ -10,6 +10,8 @@ missing. Both paths give the same result (tests/test_kernels.py).
 """
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import numpy as np
@@ -23,13 +25,26 @@ except ImportError:  # the eager path still works
 _UINT = {np.dtype(np.float32): (np.uint32, 0x7FFFFFFF), np.dtype(np.float64): (np.uint64, 0x7FFFFFFFFFFFFFFF)}
 
 
+_LOCK = threading.Lock()  # numba's fallback thread pool ("workqueue") aborts on concurrent calls
+_STARTED_IN: list[int] = []  # the process that started numba's thread pool
+
+
 def available() -> bool:
-    """Whether the compiled loops can run here (numba is importable)."""
-    return numba is not None
+    """Whether the compiled loops can run here: numba importable and compiling, and this is
+    not a process forked after they ran (GNU OpenMP, numba's usual thread pool, hangs there)."""
+    if numba is None or numba.config.DISABLE_JIT:
+        return False
+    return not _STARTED_IN or _STARTED_IN[0] == os.getpid()
 
 
 def _threads() -> None:
-    """Use as many threads as torch does (numba has its own pool)."""
+    """Use as many threads as torch does, in numba's own thread pool ("workqueue", unless the
+    user chose one): numba's OpenMP pool would share torch's GNU OpenMP runtime, and a process
+    forked after both ran (a DataLoader worker) then hangs in its first torch op."""
+    if not _STARTED_IN:
+        if numba.config.THREADING_LAYER == "default":
+            numba.config.THREADING_LAYER = "workqueue"
+        _STARTED_IN.append(os.getpid())
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
@@ -63,37 +78,41 @@ def _key_at_most(x: np.ndarray, value: float) -> object:
     """The key K with |x| <= value exactly where (bits of |x|) < K."""
     uint = _UINT[x.dtype][0]
     v = x.dtype.type(value)
-    return uint(0) if not v >= 0 else uint(np.array(abs(v), x.dtype).view(uint)[()] + 1)
+    return uint(0) if not v >= 0 else uint(int(np.array(abs(v), x.dtype).view(uint)[()]) + 1)
 
 
 def band(x: np.ndarray, lo: float, hi: float) -> tuple[int, np.ndarray, np.ndarray]:
     """The number of ``|x| <= lo``, and the positions and values of ``|x|`` strictly between
     ``lo`` and ``hi``, in order: two reads of ``x`` (count, then copy). No NaN in ``x``."""
-    _threads()
     xb, mask = _bits(x)
     first, end = _key_at_most(x, lo), _key_below(x, hi)  # band: first <= bits < end
     end = max(end, first)
-    at_most_lo, inside = _count(xb, mask, first, end, _blocks(x.size))
-    if not inside.any():
-        return int(at_most_lo), np.zeros(0, np.int64), np.zeros(0, x.dtype)
-    positions, values = _gather(xb, mask, first, end - first, inside)
+    with _LOCK:
+        _threads()
+        at_most_lo, inside = _count(xb, mask, first, end, _blocks(x.size))
+        if not inside.any():
+            return int(at_most_lo), np.zeros(0, np.int64), np.zeros(0, x.dtype)
+        positions, values = _gather(xb, mask, first, end - first, inside)
     return int(at_most_lo), positions, values.view(x.dtype)
 
 
 def zero_below(x: np.ndarray, value: float) -> int:
-    """Set to zero, in place, the entries with ``|x| < value``; their number."""
-    _threads()
+    """Set to zero, in place, the entries with ``|x| < value`` (keeping their sign, as
+    multiplying by 0 does); their number."""
     xb, mask = _bits(x)
-    return int(_zero(xb, mask, _key_below(x, value), mask & 0, _blocks(x.size)))
+    with _LOCK:
+        _threads()
+        return int(_zero(xb, mask, _key_below(x, value), ~mask, _blocks(x.size)))
 
 
 def keep_flags(x: np.ndarray, value: float, out: np.ndarray) -> int:
     """Write 1 into ``out`` where ``|x| >= value`` and 0 elsewhere; the number of ones."""
-    _threads()
     xb, mask = _bits(x)
     if out.shape != x.shape:
         raise ValueError(f"out has shape {out.shape}, x {x.shape}")
-    return int(_keep(xb, mask, _key_below(x, value), out, _blocks(x.size)))
+    with _LOCK:
+        _threads()
+        return int(_keep(xb, mask, _key_below(x, value), out, _blocks(x.size)))
 
 
 def warm_up() -> float:
@@ -165,20 +184,20 @@ if numba is not None:
         return positions, values
 
     @jit
-    def _zero_block(xb, mask, end, zero):
+    def _zero_block(xb, mask, end, sign):
         zeroed = 0
         for i in range(xb.size):
             small = (xb[i] & mask) < end
-            xb[i] = zero if small else xb[i]  # a typed zero: numba makes `uint64 or 0` a float
+            xb[i] = xb[i] & sign if small else xb[i]  # all uint (numba makes `uint64 or 0` a float)
             zeroed += small
         return zeroed
 
     @parallel
-    def _zero(xb, mask, end, zero, nblocks):
+    def _zero(xb, mask, end, sign, nblocks):
         n, step = xb.size, (xb.size + nblocks - 1) // nblocks
         zeroed = np.zeros(nblocks, np.int64)
         for b in prange(nblocks):
-            zeroed[b] = _zero_block(xb[b * step:min(n, (b + 1) * step)], mask, end, zero)
+            zeroed[b] = _zero_block(xb[b * step:min(n, (b + 1) * step)], mask, end, sign)
         return zeroed.sum()
 
     @jit

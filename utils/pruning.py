@@ -301,10 +301,11 @@ def _zero_compiled(src: Source, th: Threshold, ties: Tensor | None, w: Tensor | 
     ties = torch.zeros(0, dtype=torch.long) if ties is None else ties
     if w is not None:
         kept = src.n - kernels.zero_below(src.array, th.value)
-        w[ties] = 0
-    else:
-        kept = kernels.keep_flags(src.array, th.value, mask.numpy())
-        mask[ties] = 0
+        kept -= int((w[ties].abs() >= th.value).sum())  # as the eager path counts them (aliases)
+        w[ties] *= 0  # as the eager path zeroes them: -0.0 for a negative weight
+        return kept
+    kept = kernels.keep_flags(src.array, th.value, mask.numpy())
+    mask[ties] = 0
     return kept - len(ties)
 
 
