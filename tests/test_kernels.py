@@ -194,6 +194,8 @@ def test_not_available_without_jit_or_in_a_forked_process(monkeypatch):
     assert kernels.available()
     monkeypatch.setattr(kernels.os, "getpid", lambda: -1)
     assert not kernels.available()
+    with pytest.raises(RuntimeError, match="forked"):
+        kernels.band(np.ones(4, np.float32), 0.0, 2.0)
     monkeypatch.undo()
     monkeypatch.setattr(kernels.numba.config, "DISABLE_JIT", True)
     assert not kernels.available()
@@ -215,6 +217,8 @@ def job():
         prune_unstructured(nn.Linear(512, 512), 0.5, inplace=True)
     except Exception as e:
         errors.append(e)
+job()  # in the main thread first: numba's OpenMP start-up sets the thread count of this thread
+assert torch.get_num_threads() == 1, "the loops changed torch's thread count"
 threads = [threading.Thread(target=job) for _ in range(4)]
 for t in threads: t.start()
 for t in threads: t.join()
@@ -229,7 +233,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_concurrent_calls_and_a_forked_child_after_the_compiled_path_run(tmp_path):
+def test_thread_count_concurrent_calls_and_a_forked_child_after_the_compiled_path_ran(tmp_path):
     script = tmp_path / "fork_and_threads.py"
     script.write_text(FORK_AND_THREADS)
     env = {**os.environ, "PYTHONPATH": str(Path(utils.threshold.__file__).parents[1])}

@@ -10,9 +10,11 @@ missing. Both paths give the same result (tests/test_kernels.py).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -26,26 +28,36 @@ _UINT = {np.dtype(np.float32): (np.uint32, 0x7FFFFFFF), np.dtype(np.float64): (n
 
 
 _LOCK = threading.Lock()  # numba's fallback thread pool ("workqueue") aborts on concurrent calls
-_STARTED_IN: list[int] = []  # the process that started numba's thread pool
+_STARTED_IN: list[int] = []  # the process that started numba's thread pool (GNU OpenMP, or
+# numba's own "workqueue"; neither may be used again in a process forked from it)
 
 
 def available() -> bool:
     """Whether the compiled loops can run here: numba importable and compiling, and this is
-    not a process forked after they ran (GNU OpenMP, numba's usual thread pool, hangs there)."""
+    not a process forked after they ran (their thread pool does not survive a fork)."""
     if numba is None or numba.config.DISABLE_JIT:
         return False
     return not _STARTED_IN or _STARTED_IN[0] == os.getpid()
 
 
-def _threads() -> None:
-    """Use as many threads as torch does, in numba's own thread pool ("workqueue", unless the
-    user chose one): numba's OpenMP pool would share torch's GNU OpenMP runtime, and a process
-    forked after both ran (a DataLoader worker) then hangs in its first torch op."""
-    if not _STARTED_IN:
-        if numba.config.THREADING_LAYER == "default":
-            numba.config.THREADING_LAYER = "workqueue"
-        _STARTED_IN.append(os.getpid())
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+@contextlib.contextmanager
+def _pool() -> Iterator[None]:
+    """Run with as many threads as torch uses, one call at a time. Starting numba's OpenMP pool
+    resets the thread count that torch reads; it is put back, else a process forked after this
+    (a DataLoader worker that set one thread) would enter OpenMP and hang."""
+    with _LOCK:
+        if not _STARTED_IN:
+            _STARTED_IN.append(os.getpid())
+        if _STARTED_IN[0] != os.getpid():
+            raise RuntimeError("the compiled loops cannot run in a process forked after they ran "
+                               "(kernels.available() is False here; the eager path works)")
+        threads = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
 
 def _blocks(n: int) -> int:
@@ -87,8 +99,7 @@ def band(x: np.ndarray, lo: float, hi: float) -> tuple[int, np.ndarray, np.ndarr
     xb, mask = _bits(x)
     first, end = _key_at_most(x, lo), _key_below(x, hi)  # band: first <= bits < end
     end = max(end, first)
-    with _LOCK:
-        _threads()
+    with _pool():
         at_most_lo, inside = _count(xb, mask, first, end, _blocks(x.size))
         if not inside.any():
             return int(at_most_lo), np.zeros(0, np.int64), np.zeros(0, x.dtype)
@@ -100,8 +111,7 @@ def zero_below(x: np.ndarray, value: float) -> int:
     """Set to zero, in place, the entries with ``|x| < value`` (keeping their sign, as
     multiplying by 0 does); their number."""
     xb, mask = _bits(x)
-    with _LOCK:
-        _threads()
+    with _pool():
         return int(_zero(xb, mask, _key_below(x, value), ~mask, _blocks(x.size)))
 
 
@@ -110,8 +120,7 @@ def keep_flags(x: np.ndarray, value: float, out: np.ndarray) -> int:
     xb, mask = _bits(x)
     if out.shape != x.shape:
         raise ValueError(f"out has shape {out.shape}, x {x.shape}")
-    with _LOCK:
-        _threads()
+    with _pool():
         return int(_keep(xb, mask, _key_below(x, value), out, _blocks(x.size)))
 
 
