@@ -99,10 +99,12 @@ PRUNERS: dict[str, Callable[[nn.Module, float], object]] = {
 def bench_prune_speed(model: nn.Module, ratio: float = 0.5, repeats: int = 3) -> dict:
     """(a): time and peak extra memory of each global pruner on fresh copies of ``model``.
 
-    Memory is measured once per pruner first; then each runs once untimed (warm-up) and times
-    are taken interleaved (one copy per pruner per repeat), medians reported.
+    Each pruner runs once untimed first (warm-up); then memory is measured once per pruner, and
+    times are taken interleaved (one copy per pruner per repeat), medians reported.
     """
     weights = [m.weight.detach() for m in select_layers(model).values()]
+    for name, prune in PRUNERS.items():  # one untimed warm-up each: lazy imports, compiling utils.kernels
+        prune(copy.deepcopy(model), ratio)
     memory = {}
     for name, prune in PRUNERS.items():
         victim = copy.deepcopy(model)
@@ -110,8 +112,6 @@ def bench_prune_speed(model: nn.Module, ratio: float = 0.5, repeats: int = 3) ->
         del victim
     times: dict[str, list[float]] = {k: [] for k in PRUNERS}
     floor = []
-    for name, prune in PRUNERS.items():  # one untimed warm-up each: first-touch page faults, lazy imports
-        prune(copy.deepcopy(model), ratio)
     for _ in range(repeats):
         floor.append(_one_read(weights))
         for name, prune in PRUNERS.items():
