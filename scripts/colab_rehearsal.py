@@ -116,6 +116,9 @@ def preflight(venv: Path, folder: Path) -> None:
     py, env = str(venv_python(venv)), clean_env(venv)
     subprocess.run([py, "-m", "pip", "uninstall", "-q", "-y", "pruning-book-utils"], env=env,
                    capture_output=True)
+    for left in venv.glob("lib/python*/site-packages/utils"):  # numba's cache files, which pip does not
+        if not (left / "__init__.py").exists():                # own, outlive the uninstall
+            shutil.rmtree(left)
     code = ("import nbformat, nbclient; nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("
             f"{PROBE!r})]); nbclient.NotebookClient(nb, kernel_name='python3').execute(); "
             "print(nb.cells[0].outputs[0]['text'].strip())")

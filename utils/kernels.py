@@ -45,12 +45,12 @@ def _pool() -> Iterator[None]:
     """Run with as many threads as torch uses, one call at a time. Starting numba's OpenMP pool
     resets the thread count that torch reads; it is put back, else a process forked after this
     (a DataLoader worker that set one thread) would enter OpenMP and hang."""
+    if _STARTED_IN and _STARTED_IN[0] != os.getpid():  # before the lock, which a fork may have copied held
+        raise RuntimeError("the compiled loops cannot run in a process forked after they ran "
+                           "(kernels.available() is False here; the eager path works)")
     with _LOCK:
         if not _STARTED_IN:
             _STARTED_IN.append(os.getpid())
-        if _STARTED_IN[0] != os.getpid():
-            raise RuntimeError("the compiled loops cannot run in a process forked after they ran "
-                               "(kernels.available() is False here; the eager path works)")
         threads = torch.get_num_threads()
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         try:
