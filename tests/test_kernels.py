@@ -79,12 +79,18 @@ def mixed_model(seed, dtype, ties, channels_last):
                           nn.Linear(10, 10), nn.Linear(10, 10)).to(dtype)
     if seed % 2:
         model[5].weight = model[4].weight  # a shared tensor, counted once
+    return dressed(model, ties, channels_last, levels=3)
+
+
+def dressed(model, ties, channels_last, levels):
+    """``model`` in channels_last memory order, and with weights on a grid of 2 * levels + 1
+    values (many exact ties), where asked."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if ties:
         with torch.no_grad():
             for p in model.parameters():
-                p.copy_(torch.randint(-3, 4, p.shape) / 4)
+                p.copy_(torch.randint(-levels, levels + 1, p.shape) / (levels + 1))
     return model
 
 
@@ -102,13 +108,7 @@ def big_model(seed, dtype, ties, channels_last):
     """Over utils.threshold.SMALL weights (so a sampled bracket) and several blocks per layer."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(7, 389, 7, bias=False), nn.Flatten(), nn.Linear(401, 397)).to(dtype)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if ties:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randint(-40, 41, p.shape) / 64)
-    return model
+    return dressed(model, ties, channels_last, levels=40)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
