@@ -263,27 +263,19 @@ def _choose_weights(tensors: list[_Tensor], sources: list[Source], r: float, sco
 
 def _zero_weights(tensors: list[_Tensor], sources: list[Source], thresholds: list[Threshold],
                   inplace: bool, buffers: Buffers) -> dict[str, Tensor] | dict[str, int]:
-    """Apply the thresholds chunk by chunk, as masks or (``inplace``) by multiplying by 0/1."""
+    """Apply the thresholds, as masks or (``inplace``) by zeroing the weights, by the compiled
+    loops where they serve, else chunk by chunk with torch ops (the same result)."""
     out: dict = {}
     shared = all(th is thresholds[0] for th in thresholds)
-    fast = use_kernels(sources)
+    compiled = use_kernels(sources)
     for i, (t, src, th) in enumerate(zip(tensors, sources, thresholds)):
-        w, source = _flat(t.weight), i if shared else 0
+        source = i if shared else 0  # the key of this tensor's ties in th
         full_mask = None if inplace else torch.empty_like(t.weight)  # same memory order as the weight
-        mask = None if inplace else _flat(full_mask)
-        kept = 0
-        if fast:
-            kept = _zero_compiled(src, th, th.ties.get(source), w if inplace else None, mask)
-        for sel in [] if fast else chunks(src.n, src.device):
-            s_buf, flags, _ = buffers.get(src, sel.stop - sel.start)
-            if mask is not None and mask.dtype == src.dtype:
-                flags = mask[sel]  # write the 0/1 mask in place
-            flags = keep(src.score_of(sel, out=s_buf), th, ties_in(th, source, sel), out=flags)
-            if inplace:
-                w[sel].mul_(flags)
-                kept += count_ones(flags)
-            elif flags.data_ptr() != mask[sel].data_ptr():
-                mask[sel] = flags
+        w, mask = (_flat(t.weight), None) if inplace else (None, _flat(full_mask))
+        if compiled:
+            kept = _zero_compiled(src, th, source, w, mask)
+        else:
+            kept = _zero_eager(src, th, source, w, mask, buffers)
         for name, m in zip(t.names, t.modules):
             if inplace:
                 out[name] = kept
@@ -293,12 +285,29 @@ def _zero_weights(tensors: list[_Tensor], sources: list[Source], thresholds: lis
     return out
 
 
-def _zero_compiled(src: Source, th: Threshold, ties: Tensor | None, w: Tensor | None,
-                   mask: Tensor | None) -> int:
-    """``_zero_weights`` for one tensor by the compiled loops: zero the weights below the
-    threshold in place (``w``) or write the 0/1 ``mask``, then the tied positions; kept count."""
+def _zero_eager(src: Source, th: Threshold, source: int, w: Tensor | None, mask: Tensor | None,
+                buffers: Buffers) -> int:
+    """Zero the flat weights ``w`` below the threshold (multiplying by 0/1), or write the 0/1
+    ``mask``, chunk by chunk; the kept count (``w`` only)."""
+    kept = 0
+    for sel in chunks(src.n, src.device):
+        s_buf, flags, _ = buffers.get(src, sel.stop - sel.start)
+        if mask is not None and mask.dtype == src.dtype:
+            flags = mask[sel]  # write the 0/1 mask in place
+        flags = keep(src.score_of(sel, out=s_buf), th, ties_in(th, source, sel), out=flags)
+        if w is not None:
+            w[sel].mul_(flags)
+            kept += count_ones(flags)
+        elif flags.data_ptr() != mask[sel].data_ptr():
+            mask[sel] = flags
+    return kept
+
+
+def _zero_compiled(src: Source, th: Threshold, source: int, w: Tensor | None, mask: Tensor | None) -> int:
+    """``_zero_eager`` by the compiled loops, one pass: zero the weights below the threshold in
+    place (``w``) or write the 0/1 ``mask``, then the tied positions; the kept count."""
     from utils import kernels
-    ties = torch.zeros(0, dtype=torch.long) if ties is None else ties
+    ties = th.ties.get(source, torch.zeros(0, dtype=torch.long))
     if w is not None:
         kept = src.n - kernels.zero_below(src.array, th.value)
         kept -= int((w[ties].abs() >= th.value).sum())  # as the eager path counts them (aliases)
