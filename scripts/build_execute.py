@@ -10,6 +10,7 @@ message on the last line. A failed chapter is never cached and its old page is r
 ``_build/html``, so the next run executes it again and no stale page is left to publish.
 The Sphinx build that follows finds every chapter in the cache and executes nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,10 +95,14 @@ def execute(book: Path, path: Path, timeout: int, cache) -> int:
         started["index"] = cell_index
 
     client = NotebookClient(
-        nb, timeout=timeout, allow_errors=False, record_timing=False,
+        nb,
+        timeout=timeout,
+        allow_errors=False,
+        record_timing=False,
         kernel_name=nb.metadata.get("kernelspec", {}).get("name", "python3"),
         resources={"metadata": {"path": str(path.parent)}},
-        on_cell_error=on_error, on_cell_start=on_start,
+        on_cell_error=on_error,
+        on_cell_start=on_start,
     )
     t0 = time.perf_counter()
     try:
@@ -112,15 +117,21 @@ def execute(book: Path, path: Path, timeout: int, cache) -> int:
         return fail(book, path, where, message, "\n".join(lines[-20:]))
     except CellTimeoutError as err:
         index = started.get("index", -1)
-        return fail(book, path, f"cell {index + 1}",
-                    f"timed out after {timeout} s (execute.timeout in _config.yml)", str(err))
+        return fail(
+            book,
+            path,
+            f"cell {index + 1}",
+            f"timed out after {timeout} s (execute.timeout in _config.yml)",
+            str(err),
+        )
     except DeadKernelError as err:
         index = started.get("index", -1)
         return fail(book, path, f"cell {index + 1}", "the kernel died", str(err))
     seconds = time.perf_counter() - t0
     cache.cache_notebook_bundle(
         CacheBundleIn(nb, str(path.resolve()), data={"execution_seconds": seconds}),
-        check_validity=False, overwrite=True,
+        check_validity=False,
+        overwrite=True,
     )
     print(f"{rel}: executed in {seconds:.0f} s, cached", flush=True)
     return 0

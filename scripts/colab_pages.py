@@ -20,6 +20,7 @@ exercise. Each copy is generated from its chapter and differs only where Colab n
 The site's Colab launch button opens these copies (``book/_ext/book_site.py``);
 ``tests/test_colab_pages.py`` checks that they are in sync with the chapters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,7 @@ LABEL = re.compile(r"^ex-(\d+)-(\d+)$")
 
 
 # --- the book's settings and bibliography --------------------------------------------------
+
 
 def book_config() -> dict:
     return yaml.safe_load((ROOT / "_config.yml").read_text())
@@ -68,7 +70,7 @@ def read_bib(path: Path = ROOT / "book" / "references.bib") -> dict[str, dict]:
     text, entries = path.read_text(encoding="utf8"), {}
     for m in re.finditer(r"@(\w+)\s*\{\s*([^,\s]+)\s*,", text):
         entry, i = {"type": m.group(1).lower()}, m.end()
-        while (f := re.compile(r"\s*(\w+)\s*=\s*").match(text, i)):
+        while f := re.compile(r"\s*(\w+)\s*=\s*").match(text, i):
             i = f.end()
             if text[i] == "{":
                 depth, j = 0, i
@@ -77,7 +79,7 @@ def read_bib(path: Path = ROOT / "book" / "references.bib") -> dict[str, dict]:
                     if depth == 0:
                         break
                     j += 1
-                value, i = text[i + 1:j], j + 1
+                value, i = text[i + 1 : j], j + 1
             else:
                 v = re.compile(r'"([^"]*)"|(\w+)').match(text, i)
                 value, i = v.group(1) or v.group(2), v.end()
@@ -121,13 +123,17 @@ def reference_line(entry: dict) -> str:
     link = entry.get("url") or (f"https://doi.org/{entry['doi']}" if entry.get("doi") else "")
     title = f"[{entry.get('title', '')}]({link})" if link else entry.get("title", "")
     end = "" if re.search(r"[.?!]\)?$", title) else "."
-    return f"- {who} ({entry.get('year', 'n.d.')}). {title}{end}" + (f" *{venue}*." if venue else "")
+    return f"- {who} ({entry.get('year', 'n.d.')}). {title}{end}" + (
+        f" *{venue}*." if venue else ""
+    )
 
 
 # --- Markdown ----------------------------------------------------------------------------------
 
-def cite_text(role: str, keys: str, bib: dict, cited: list[str], before: str = "",
-              link: str = "") -> str:
+
+def cite_text(
+    role: str, keys: str, bib: dict, cited: list[str], before: str = "", link: str = ""
+) -> str:
     """A citation as author-year text, linked to the bibliography when ``link`` is given.
     After its own authors ("Han et al. {cite}`han2015learning`") only the year is added."""
     parts = []
@@ -147,15 +153,17 @@ def cite_text(role: str, keys: str, bib: dict, cited: list[str], before: str = "
 
 def plain_roles(text: str, bib: dict, cited: list[str], link: str = "") -> str:
     """MyST roles -> text: citations as author-year, {term}/{ref}/{doc}... as their text."""
+
     def role(m):
         name, body = m.group(1), m.group(2)
         if name.startswith("cite"):
-            return cite_text(name, body, bib, cited, m.string[:m.start()], link)
+            return cite_text(name, body, bib, cited, m.string[: m.start()], link)
         if name == "math":
             return f"${body}$"
         shown = re.match(r"^(.*?)\s*<[^<>]+>$", body, re.S)
         text = shown.group(1) if shown else body
         return f"`{text}`" if name in ("code", "kbd", "file") else text
+
     return re.sub(r"\{([\w:-]+)\}`([^`]*)`", role, text)
 
 
@@ -168,8 +176,19 @@ def plain_directives(text: str) -> str:
         if m:
             fence, name, arg = m.groups()
             stack.append((fence, name))
-            if name in ("note", "tip", "warning", "important", "caution", "attention",
-                        "hint", "danger", "error", "seealso", "admonition"):
+            if name in (
+                "note",
+                "tip",
+                "warning",
+                "important",
+                "caution",
+                "attention",
+                "hint",
+                "danger",
+                "error",
+                "seealso",
+                "admonition",
+            ):
                 title = arg or name.capitalize()
                 out.append(f"> **{title}.**")
             elif name in ("math", "code-cell", "code-block", "code"):
@@ -187,13 +206,29 @@ def plain_directives(text: str) -> str:
         if re.match(r"^\(.+\)=\s*$", line.strip()):
             continue  # MyST targets
         line = re.sub(r"\$\$\s*\([\w:-]+\)\s*$", "$$", line)  # labelled equations
-        quoted = any(n in ("note", "tip", "warning", "important", "caution", "attention", "hint",
-                           "danger", "error", "seealso", "admonition") for _, n in stack)
+        quoted = any(
+            n
+            in (
+                "note",
+                "tip",
+                "warning",
+                "important",
+                "caution",
+                "attention",
+                "hint",
+                "danger",
+                "error",
+                "seealso",
+                "admonition",
+            )
+            for _, n in stack
+        )
         out.append(("> " + line if line else ">") if quoted else line)
     return "\n".join(out).strip("\n")
 
 
 # --- cells -------------------------------------------------------------------------------------
+
 
 def exercise_number(label: str) -> str:
     """``ex-5-2`` -> "5.2"; ``ex-41-3`` -> "4.1.3" (4.1 and 4.2 use 41 and 42)."""
@@ -286,15 +321,19 @@ def colab_notebook(nb, name: str, bib: dict, config: dict) -> nbformat.NotebookN
         if "solution" in tags:
             number = exercise_number(label) if label else ""
             if cell.cell_type == "code":
-                cells.append(_form_cell(f"Solution to exercise {number} (double-click to show)",
-                                        source, cell))
+                cells.append(
+                    _form_cell(
+                        f"Solution to exercise {number} (double-click to show)", source, cell
+                    )
+                )
                 continue
             text = plain_directives(plain_roles(strip_solution_fences(source), bib, cited, link))
             if not text.strip():
                 continue  # only the dropdown's fences
             body = "\n".join("# " + line if line else "#" for line in text.splitlines())
-            cells.append(_form_cell(f"Answer key for exercise {number} (double-click to show)",
-                                    body, cell))
+            cells.append(
+                _form_cell(f"Answer key for exercise {number} (double-click to show)", body, cell)
+            )
             continue
         if cell.cell_type == "markdown":
             if "exercise" in tags:
@@ -303,18 +342,24 @@ def colab_notebook(nb, name: str, bib: dict, config: dict) -> nbformat.NotebookN
             cells.append(cell)
             continue
         if "raises-exception" in tags:
-            cells.append(_note(
-                "*The next cell fails on purpose: it shows an error the text discusses. "
-                "On Colab, \"Run all\" stops there; to go on, click the cell after it and use "
-                "Runtime ▸ Run after.*", f"{cell.id}-note"[:64]))
+            cells.append(
+                _note(
+                    "*The next cell fails on purpose: it shows an error the text discusses. "
+                    'On Colab, "Run all" stops there; to go on, click the cell after it and use '
+                    "Runtime ▸ Run after.*",
+                    f"{cell.id}-note"[:64],
+                )
+            )
         cells.append(cell)
     # a short note after the title; the references at the end
     url = config["repository"]["url"].rstrip("/")
     intro = _note(
         f"*This is the Colab copy of `chapters/{name}` of the book "
         f"[*{config.get('title', 'the book')}*]({url}), generated by "
-        "`scripts/colab_pages.py`. Solutions are collapsed: double-click a \"Solution\" cell to "
-        "show its code.*", "colab-copy-note")
+        '`scripts/colab_pages.py`. Solutions are collapsed: double-click a "Solution" cell to '
+        "show its code.*",
+        "colab-copy-note",
+    )
     cells.insert(1 if cells and cells[0].cell_type == "markdown" else 0, intro)
     if cited:
         lines = ["## References", ""] + [reference_line(bib[k]) for k in cited if k in bib]
@@ -346,8 +391,9 @@ def main(argv=None) -> int:
     parser.add_argument("chapters", nargs="*", type=Path)
     args = parser.parse_args(argv)
     wanted = targets([p.resolve() for p in args.chapters] or None)
-    stale = [p for p, text in wanted.items()
-             if not p.exists() or p.read_text(encoding="utf8") != text]
+    stale = [
+        p for p, text in wanted.items() if not p.exists() or p.read_text(encoding="utf8") != text
+    ]
     if not args.chapters:  # copies of chapters that no longer exist
         stale += [p for p in OUT.glob("*.ipynb") if p not in wanted]
     if args.check:

@@ -16,6 +16,7 @@ With ``--executor nbval`` (the default, used by scripts/test.sh) each chapter ru
 ``pytest --nbval-lax``, so this one execution is also the nbval test of the committed chapters;
 ``--executor nbclient`` only executes them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,30 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEEL_VAR = "PRUNING_BOOK_WHEEL"
 # What a Colab runtime has before the set-up cell runs (not the book's pins), plus the executors.
 PLATFORM = ["torch==2.14.1", "torchvision==0.29.1"]
-COLAB_PREINSTALLED = ["numpy", "pandas", "matplotlib", "scikit-learn", "psutil", "tqdm", "numba", "ipykernel"]
+COLAB_PREINSTALLED = [
+    "numpy",
+    "pandas",
+    "matplotlib",
+    "scikit-learn",
+    "psutil",
+    "tqdm",
+    "numba",
+    "ipykernel",
+]
 EXECUTORS = ["nbclient", "nbformat", "pytest", "nbval"]
-CACHE = Path(os.environ.get("PRUNING_BOOK_REHEARSAL_CACHE", Path.home() / ".cache" / "pruning-book" / "rehearsal"))
+CACHE = Path(
+    os.environ.get(
+        "PRUNING_BOOK_REHEARSAL_CACHE", Path.home() / ".cache" / "pruning-book" / "rehearsal"
+    )
+)
 
 
 def log(msg: str) -> None:
@@ -50,13 +65,28 @@ def build_wheel(out: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="pruning-book-src-") as tmp:
         src = Path(tmp)
         shutil.copy2(ROOT / "pyproject.toml", src)
-        shutil.copytree(ROOT / "utils", src / "utils", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            ROOT / "utils", src / "utils", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
         for extra in ("README.md", "LICENSE"):
             if (ROOT / extra).exists():
                 shutil.copy2(ROOT / extra, src)
         out.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "-w", str(out), str(src)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "-w",
+                str(out),
+                str(src),
+            ],
+            check=True,
+        )
     wheels = sorted(out.glob("pruning_book_utils-*.whl"), key=lambda p: p.stat().st_mtime)
     if not wheels:
         raise RuntimeError(f"no wheel was written to {out}")
@@ -65,7 +95,9 @@ def build_wheel(out: Path) -> Path:
 
 def requirements_key() -> str:
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    text = json.dumps([sys.version_info[:2], PLATFORM, COLAB_PREINSTALLED, EXECUTORS, sorted(declared)])
+    text = json.dumps(
+        [sys.version_info[:2], PLATFORM, COLAB_PREINSTALLED, EXECUTORS, sorted(declared)]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -75,11 +107,21 @@ def venv_python(venv: Path) -> Path:
 
 def clean_env(venv: Path, **extra: str) -> dict[str, str]:
     """The environment of a fresh runtime: this venv first on PATH, nothing of the checkout."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "JUPYTER_PATH", WHEEL_VAR)}
-    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(venv),
-               JUPYTER_PATH=str(venv / "share" / "jupyter"), JUPYTER_PREFER_ENV_PATH="1",
-               PYTHONNOUSERSITE="1", PRUNING_BOOK_QUIET="1", PIP_DISABLE_PIP_VERSION_CHECK="1", **extra)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "JUPYTER_PATH", WHEEL_VAR)
+    }
+    env.update(
+        PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        VIRTUAL_ENV=str(venv),
+        JUPYTER_PATH=str(venv / "share" / "jupyter"),
+        JUPYTER_PREFER_ENV_PATH="1",
+        PYTHONNOUSERSITE="1",
+        PRUNING_BOOK_QUIET="1",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        **extra,
+    )
     return env
 
 
@@ -97,34 +139,51 @@ def ensure_venv(cache: Path = CACHE) -> Path:
     log(f"venv: creating {venv} (a clean one: no system site-packages)")
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     py, env = str(venv_python(venv)), clean_env(venv)
-    for cmd in ([py, "-m", "pip", "install", "-q", *PLATFORM, *COLAB_PREINSTALLED, *EXECUTORS],
-                [py, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"]):
+    for cmd in (
+        [py, "-m", "pip", "install", "-q", *PLATFORM, *COLAB_PREINSTALLED, *EXECUTORS],
+        [py, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
+    ):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[2:5])} ... failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd[2:5])} ... failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
     (venv / ".ready").write_text(key + "\n")
     log(f"venv: ready in {time.perf_counter() - t0:.0f} s")
     return venv
 
 
-PROBE = ("import importlib.util, sys; print(sys.executable); "
-         "assert importlib.util.find_spec('utils') is None, 'utils importable before the install'")
+PROBE = (
+    "import importlib.util, sys; print(sys.executable); "
+    "assert importlib.util.find_spec('utils') is None, 'utils importable before the install'"
+)
 
 
 def preflight(venv: Path, folder: Path) -> None:
     """The venv starts without this package, and a notebook kernel there runs the venv's Python."""
     py, env = str(venv_python(venv)), clean_env(venv)
-    subprocess.run([py, "-m", "pip", "uninstall", "-q", "-y", "pruning-book-utils"], env=env,
-                   capture_output=True)
-    for left in venv.glob("lib/python*/site-packages/utils"):  # numba's cache files, which pip does not
-        if not (left / "__init__.py").exists():                # own, outlive the uninstall
+    subprocess.run(
+        [py, "-m", "pip", "uninstall", "-q", "-y", "pruning-book-utils"],
+        env=env,
+        capture_output=True,
+    )
+    for left in venv.glob(
+        "lib/python*/site-packages/utils"
+    ):  # numba's cache files, which pip does not
+        if not (left / "__init__.py").exists():  # own, outlive the uninstall
             shutil.rmtree(left)
-    code = ("import nbformat, nbclient; nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("
-            f"{PROBE!r})]); nbclient.NotebookClient(nb, kernel_name='python3').execute(); "
-            "print(nb.cells[0].outputs[0]['text'].strip())")
-    done = subprocess.run([py, "-c", code], env=env, cwd=folder, capture_output=True, text=True, timeout=300)
+    code = (
+        "import nbformat, nbclient; nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("
+        f"{PROBE!r})]); nbclient.NotebookClient(nb, kernel_name='python3').execute(); "
+        "print(nb.cells[0].outputs[0]['text'].strip())"
+    )
+    done = subprocess.run(
+        [py, "-c", code], env=env, cwd=folder, capture_output=True, text=True, timeout=300
+    )
     if done.returncode != 0 or not done.stdout.strip().startswith(str(venv)):
-        raise RuntimeError(f"the rehearsal kernel is not the clean venv's Python:\n{done.stdout}\n{done.stderr}")
+        raise RuntimeError(
+            f"the rehearsal kernel is not the clean venv's Python:\n{done.stdout}\n{done.stderr}"
+        )
 
 
 def run_chapter(venv: Path, chapter: Path, wheel: Path, executor: str, timeout: float) -> dict:
@@ -134,27 +193,57 @@ def run_chapter(venv: Path, chapter: Path, wheel: Path, executor: str, timeout: 
         shutil.copy2(chapter, lone)
         py, env = str(venv_python(venv)), clean_env(venv, **{WHEEL_VAR: str(wheel)})
         if executor == "nbval":
-            cmd = [py, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider",
-                   "-q", "--tb=short", lone.name]
+            cmd = [
+                py,
+                "-m",
+                "pytest",
+                "--nbval-lax",
+                "--nbval-current-env",
+                "-p",
+                "no:cacheprovider",
+                "-q",
+                "--tb=short",
+                lone.name,
+            ]
         else:
-            cmd = [py, "-c", "import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], 4); "
-                   "nbclient.NotebookClient(nb, kernel_name='python3', timeout=None).execute()", lone.name]
+            cmd = [
+                py,
+                "-c",
+                "import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], 4); "
+                "nbclient.NotebookClient(nb, kernel_name='python3', timeout=None).execute()",
+                lone.name,
+            ]
         t0 = time.perf_counter()
         try:
-            done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(
+                cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout
+            )
             ok, tail = done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         except subprocess.TimeoutExpired as e:
             ok, tail = False, f"over the {timeout:.0f} s limit\n" + str((e.stdout or b"")[-2000:])
-        left = sorted(p.name for p in Path(tmp).iterdir() if p.name != lone.name and not p.name.startswith("."))
-    return {"chapter": chapter.name, "seconds": round(time.perf_counter() - t0, 1), "ok": ok,
-            "tail": tail, "files written": left}
+        left = sorted(
+            p.name
+            for p in Path(tmp).iterdir()
+            if p.name != lone.name and not p.name.startswith(".")
+        )
+    return {
+        "chapter": chapter.name,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "ok": ok,
+        "tail": tail,
+        "files written": left,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("chapters", nargs="*", type=Path)
-    parser.add_argument("--timeout", type=float, default=float(os.environ.get("PRUNING_BOOK_CHAPTER_TIMEOUT", 360)),
-                        help="seconds per chapter, the install included (default 360)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("PRUNING_BOOK_CHAPTER_TIMEOUT", 360)),
+        help="seconds per chapter, the install included (default 360)",
+    )
     parser.add_argument("--executor", choices=("nbval", "nbclient"), default="nbval")
     parser.add_argument("--json", type=Path, help="also write the per-chapter results here")
     args = parser.parse_args(argv)
@@ -174,11 +263,15 @@ def main(argv: list[str] | None = None) -> int:
             if not r["ok"]:
                 log(r["tail"])
     if args.json:
-        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "tail"} for r in results], indent=1))
+        args.json.write_text(
+            json.dumps([{k: v for k, v in r.items() if k != "tail"} for r in results], indent=1)
+        )
     failed = [r["chapter"] for r in results if not r["ok"]]
     total = sum(r["seconds"] for r in results)
-    log(f"Colab rehearsal ({args.executor}): {len(results) - len(failed)} of {len(results)} chapters passed; "
-        f"chapters {total:.0f} s, all {time.perf_counter() - t0:.0f} s")
+    log(
+        f"Colab rehearsal ({args.executor}): {len(results) - len(failed)} of {len(results)} chapters passed; "
+        f"chapters {total:.0f} s, all {time.perf_counter() - t0:.0f} s"
+    )
     return 1 if failed else 0
 
 

@@ -5,6 +5,7 @@
 Also rewrites each chapter's Colab set-up cell from _config.yml first, and prints how
 long each chapter took (the budget is 3 minutes on a 2-core CPU).
 """
+
 import os
 import sys
 import time
@@ -14,15 +15,19 @@ import nbformat
 from nbclient import NotebookClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.book import sync_colab_cells  # noqa: E402
+from bookconf import sync_colab_cells  # noqa: E402
 
 os.environ["PRUNING_BOOK_QUIET"] = "1"
-os.environ.pop("PRUNING_BOOK_WHEEL", None)  # the committed outputs come from the checkout's own `utils`
+os.environ.pop(
+    "PRUNING_BOOK_WHEEL", None
+)  # the committed outputs come from the checkout's own `utils`
 for arg in sys.argv[1:]:
     path = Path(arg)
     sync_colab_cells([path])
     nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     nbformat.write(nb, path)
     print(f"{path}: {time.perf_counter() - t0:.0f} s")

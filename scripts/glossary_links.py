@@ -9,6 +9,7 @@ code, math, links, roles and directive lines. Its first such use becomes ``{term
 which the site renders as a link and the Colab copies as plain text. Only Markdown changes, so
 the chapter's outputs stand.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Spans that are not running prose: code, math, roles, links and HTML tags.
-SKIP = re.compile(r"\{[\w:-]+\}`[^`]*`|```.*?```|`[^`]*`|\$\$.*?\$\$|\$[^$\n]+\$|\[[^\]]*\]\([^)]*\)|<[^>\n]+>", re.S)
+SKIP = re.compile(
+    r"\{[\w:-]+\}`[^`]*`|```.*?```|`[^`]*`|\$\$.*?\$\$|\$[^$\n]+\$|\[[^\]]*\]\([^)]*\)|<[^>\n]+>",
+    re.S,
+)
 # Whole lines that are not running prose: headings, directive fences and options, labels.
 # Names that mostly mean something else in running text ("a fast int8 kernel").
 NOT_LINKED = {"kernel"}
@@ -61,14 +65,20 @@ def first_uses(cells: list[str], terms: dict[str, str]) -> dict[str, tuple[int, 
     when that first use is already a {term} link."""
     found: dict[str, tuple[int, int, int] | None] = {}
     for i, cell in enumerate(cells):
-        links = [(m.start(), m.group(1)) for m in re.finditer(r"\{term\}`(?:[^`<]*<)?([^`>]+)>?`", cell)]
+        links = [
+            (m.start(), m.group(1)) for m in re.finditer(r"\{term\}`(?:[^`<]*<)?([^`>]+)>?`", cell)
+        ]
         hits = []
         for name, entry in terms.items():
             pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?:s|es)?(?![\w-])", re.I)
             for a, b in _prose_spans(cell):
                 hits += [(m.start(), m.end(), entry) for m in pattern.finditer(cell, a, b)]
         # "pruning" inside "structured pruning" is a use of the longer term only
-        hits = [h for h in hits if not any(o[0] <= h[0] and h[1] <= o[1] and o[1] - o[0] > h[1] - h[0] for o in hits)]
+        hits = [
+            h
+            for h in hits
+            if not any(o[0] <= h[0] and h[1] <= o[1] and o[1] - o[0] > h[1] - h[0] for o in hits)
+        ]
         hits += [(start, None, entry) for start, entry in links]
         for start, end, entry in sorted(hits, key=lambda h: h[0]):
             entry = next((e for e in terms.values() if e.lower() == entry.strip().lower()), entry)

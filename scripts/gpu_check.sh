@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-only, in under 10 minutes on one CUDA GPU, then a short report:
 #   1. the unit tests marked `cuda` (pytest -m cuda; they skip without a GPU),
-#   2. benchmark parts b and d (python -m utils.benchmark --only bd),
+#   2. benchmark parts b and d (python -m utils.kit.benchmark --only bd),
 #   3. chapters 5, 6 and 9 (when it exists) executed on the GPU, outputs of their GPU cells shown.
 #
 #   bash scripts/gpu_check.sh            # report on stdout and in $GPU_CHECK_OUT/report.md
@@ -65,7 +65,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 
 echo "## Steps" >> "$REPORT"
 step cuda-tests "${T_TESTS:-60}" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/
-step benchmark-bd "${T_BENCH:-120}" "$PY" -m utils.benchmark --only bd --json "$OUT/benchmark_bd.json"
+step benchmark-bd "${T_BENCH:-120}" "$PY" -m utils.kit.benchmark --only bd --json "$OUT/benchmark_bd.json"
 for n in ${GPU_CHECK_CHAPTERS-05 06 09}; do
   for nb in chapters/"$n"-*.ipynb; do
     [ -e "$nb" ] || continue

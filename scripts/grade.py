@@ -13,6 +13,7 @@ kernel is skipped and the notebook rerun. *Explain* questions get a row with the
 answer for grading by hand. The exercise list, check calls and points come from the chapter
 (the instructor's version), found from the copy's metadata or its exercise labels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,16 +62,32 @@ def exercise_spec(chapter: Path) -> list[dict]:
             spec.append({"label": label, "kind": "manual", "points": 0})
             continue
         tree = ast.parse(cell.source)
-        imports = [ast.get_source_segment(cell.source, s) for s in tree.body
-                   if isinstance(s, ast.ImportFrom) and (s.module or "").startswith("utils.")]
-        calls = [s.value for s in tree.body if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)
-                 and isinstance(s.value.func, ast.Name) and s.value.func.id.startswith("check_")]
+        imports = [
+            ast.get_source_segment(cell.source, s)
+            for s in tree.body
+            if isinstance(s, ast.ImportFrom) and (s.module or "").startswith("utils.")
+        ]
+        calls = [
+            s.value
+            for s in tree.body
+            if isinstance(s, ast.Expr)
+            and isinstance(s.value, ast.Call)
+            and isinstance(s.value.func, ast.Name)
+            and s.value.func.id.startswith("check_")
+        ]
         if not calls:
             raise ValueError(f"{chapter.name}: the stub of {label} calls no check_* function")
         call = calls[-1]
-        spec.append({"label": label, "kind": "auto", "points": points.get(label, 1), "imports": imports,
-                     "call": ast.get_source_segment(cell.source, call),
-                     "names": [a.id for a in call.args if isinstance(a, ast.Name)]})
+        spec.append(
+            {
+                "label": label,
+                "kind": "auto",
+                "points": points.get(label, 1),
+                "imports": imports,
+                "call": ast.get_source_segment(cell.source, call),
+                "names": [a.id for a in call.args if isinstance(a, ast.Name)],
+            }
+        )
     return spec
 
 
@@ -80,10 +97,17 @@ def find_chapter(nb: dict, chapters: list[Path]) -> Path | None:
     by_stem = {p.stem: p for p in chapters}
     if name in by_stem:
         return by_stem[name]
-    labels = {t for c in nb.get("cells", []) for t in c.get("metadata", {}).get("tags", []) if LABEL.fullmatch(str(t))}
+    labels = {
+        t
+        for c in nb.get("cells", [])
+        for t in c.get("metadata", {}).get("tags", [])
+        if LABEL.fullmatch(str(t))
+    }
     for path in chapters:
         ch = json.loads(path.read_text())
-        if labels and labels <= {t for c in ch["cells"] for t in c.get("metadata", {}).get("tags", [])}:
+        if labels and labels <= {
+            t for c in ch["cells"] for t in c.get("metadata", {}).get("tags", [])
+        }:
             return path
     return None
 
@@ -116,8 +140,11 @@ def _parse_grade(cell) -> dict:
         if out.get("output_type") == "stream" and MARK in text:
             return json.loads(text.split(MARK, 1)[1].splitlines()[0])
         if out.get("output_type") == "error":
-            return {"error": "timed out" if out.get("ename") in ("KeyboardInterrupt", "CellTimeoutError")
-                    else f"{out.get('ename')}: {out.get('evalue')}"}
+            return {
+                "error": "timed out"
+                if out.get("ename") in ("KeyboardInterrupt", "CellTimeoutError")
+                else f"{out.get('ename')}: {out.get('evalue')}"
+            }
     return {"error": "the check printed no result (timed out?)"}
 
 
@@ -129,25 +156,37 @@ def worker(submission: Path, spec: list[dict], cell_timeout: int, result_path: P
     results: dict[str, dict] = {}
     skip: set[int] = set()
     notes: list[str] = []
-    for attempt in range(4):
+    for _attempt in range(4):
         for folder in (submission.parent, Path(os.environ.get("HOME", submission.parent))):
             folder.mkdir(parents=True, exist_ok=True)  # a cell may have deleted its folder
         run = nbformat.from_dict(json.loads(json.dumps(nb)))
-        client = NotebookClient(run, timeout=cell_timeout, kernel_name="python3", allow_errors=True,
-                                interrupt_on_timeout=True, record_timing=False,
-                                error_on_timeout={"ename": "CellTimeoutError", "evalue": "timed out", "traceback": []},
-                                resources={"metadata": {"path": str(submission.parent)}})
+        client = NotebookClient(
+            run,
+            timeout=cell_timeout,
+            kernel_name="python3",
+            allow_errors=True,
+            interrupt_on_timeout=True,
+            record_timing=False,
+            error_on_timeout={"ename": "CellTimeoutError", "evalue": "timed out", "traceback": []},
+            resources={"metadata": {"path": str(submission.parent)}},
+        )
         index = None
         try:
             with client.setup_kernel():
                 for index, cell in enumerate(run.cells):
                     if cell.cell_type == "code" and index not in skip:
                         client.execute_cell(cell, index)
-                errors = [i for i, c in enumerate(run.cells) if c.cell_type == "code"  # failing on purpose
-                          and "raises-exception" not in _tags(c)                     # is no error
-                          and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+                errors = [
+                    i
+                    for i, c in enumerate(run.cells)
+                    if c.cell_type == "code"  # failing on purpose
+                    and "raises-exception" not in _tags(c)  # is no error
+                    and any(o.get("output_type") == "error" for o in c.get("outputs", []))
+                ]
                 if errors:
-                    notes.append(f"{len(errors)} cell(s) raised or timed out while running the notebook")
+                    notes.append(
+                        f"{len(errors)} cell(s) raised or timed out while running the notebook"
+                    )
                 for ex in spec:
                     if ex["kind"] != "auto" or ex["label"] in results:
                         continue
@@ -159,18 +198,26 @@ def worker(submission: Path, spec: list[dict], cell_timeout: int, result_path: P
             break
         except DeadKernelError:
             if isinstance(index, tuple):
-                results[index[1]] = {"error": "the check killed the kernel (os._exit, exit() or a crash)"}
+                results[index[1]] = {
+                    "error": "the check killed the kernel (os._exit, exit() or a crash)"
+                }
             elif index is not None:
                 skip.add(index)
                 notes.append(f"cell {index} killed the kernel and was skipped")
         except Exception as e:  # anything else the kernel machinery raises: report, never crash
             notes.append(f"the run stopped: {type(e).__name__}: {str(e)[:200]}")
             break
-    result_path.write_text(json.dumps({"results": results, "notes": notes, "answers": _answers(nb)}))
+    result_path.write_text(
+        json.dumps({"results": results, "notes": notes, "answers": _answers(nb)})
+    )
 
 
 def _answers(nb) -> dict[str, str]:
-    return {_label(c): c.source for c in nb.cells if "stub" in _tags(c) and c.cell_type == "markdown" and _label(c)}
+    return {
+        _label(c): c.source
+        for c in nb.cells
+        if "stub" in _tags(c) and c.cell_type == "markdown" and _label(c)
+    }
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -179,15 +226,23 @@ def _rows(student: str, spec: list[dict], outcome: dict | None, failure: str | N
     results = (outcome or {}).get("results", {})
     answers = (outcome or {}).get("answers", {})
     for ex in spec:
-        row = {"student": student, "exercise": ex["label"], "kind": ex["kind"],
-               "max_points": ex["points"] if ex["kind"] == "auto" else "", "points": 0}
+        row = {
+            "student": student,
+            "exercise": ex["label"],
+            "kind": ex["kind"],
+            "max_points": ex["points"] if ex["kind"] == "auto" else "",
+            "points": 0,
+        }
         if failure:
             row["message"] = f"not graded: {failure}"
         elif ex["kind"] == "manual":
             answer = " ".join(answers.get(ex["label"], "").replace("**Your answer:**", "").split())
             row["points"] = ""
-            row["message"] = ("grade by hand: no answer" if not answer or PLACEHOLDER in answer
-                              else f"grade by hand: {answer}")
+            row["message"] = (
+                "grade by hand: no answer"
+                if not answer or PLACEHOLDER in answer
+                else f"grade by hand: {answer}"
+            )
         else:
             r = results.get(ex["label"], {"error": "not run"})
             if "error" in r:
@@ -195,21 +250,46 @@ def _rows(student: str, spec: list[dict], outcome: dict | None, failure: str | N
             elif r["total"] > 0 and r["passed"] == r["total"]:
                 row["points"], row["message"] = ex["points"], f"all {r['total']} cases pass"
             else:
-                fails = [ln.strip() for ln in r.get("output", "").splitlines() if ln.strip().startswith("FAIL")]
-                row["message"] = f"{r['passed']} of {r['total']} cases pass" + (f"; first {fails[0]}" if fails else "")
+                fails = [
+                    ln.strip()
+                    for ln in r.get("output", "").splitlines()
+                    if ln.strip().startswith("FAIL")
+                ]
+                row["message"] = f"{r['passed']} of {r['total']} cases pass" + (
+                    f"; first {fails[0]}" if fails else ""
+                )
         rows.append(row)
     auto = [r for r in rows if r["kind"] == "auto"]
     notes = "; ".join((outcome or {}).get("notes", []))
     manual = sum(r["kind"] == "manual" for r in rows)
-    rows.append({"student": student, "exercise": "TOTAL", "kind": "",
-                 "points": sum(int(r["points"] or 0) for r in auto), "max_points": sum(r["max_points"] for r in auto),
-                 "message": "; ".join(m for m in [failure and f"not graded: {failure}",
-                                                  f"{manual} explain answer(s) to grade by hand" if manual else "", notes] if m)})
+    rows.append(
+        {
+            "student": student,
+            "exercise": "TOTAL",
+            "kind": "",
+            "points": sum(int(r["points"] or 0) for r in auto),
+            "max_points": sum(r["max_points"] for r in auto),
+            "message": "; ".join(
+                m
+                for m in [
+                    failure and f"not graded: {failure}",
+                    f"{manual} explain answer(s) to grade by hand" if manual else "",
+                    notes,
+                ]
+                if m
+            ),
+        }
+    )
     return rows
 
 
-def grade_one(submission: Path, chapters: list[Path], chapter: Path | None, cell_timeout: int,
-              total_timeout: int) -> list[dict]:
+def grade_one(
+    submission: Path,
+    chapters: list[Path],
+    chapter: Path | None,
+    cell_timeout: int,
+    total_timeout: int,
+) -> list[dict]:
     student = str(submission)
     try:
         raw = submission.read_bytes()
@@ -219,12 +299,32 @@ def grade_one(submission: Path, chapters: list[Path], chapter: Path | None, cell
         source = chapter or (chapters[0] if len(chapters) == 1 else None)
         spec = exercise_spec(source) if source else []
         why = f"invalid notebook ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
-        return _rows(student, spec, None, why) if spec else [
-            {"student": student, "exercise": "TOTAL", "kind": "", "points": 0, "max_points": "", "message": f"not graded: {why}"}]
+        return (
+            _rows(student, spec, None, why)
+            if spec
+            else [
+                {
+                    "student": student,
+                    "exercise": "TOTAL",
+                    "kind": "",
+                    "points": 0,
+                    "max_points": "",
+                    "message": f"not graded: {why}",
+                }
+            ]
+        )
     source = chapter or find_chapter(nb, chapters)
     if source is None:
-        return [{"student": student, "exercise": "TOTAL", "kind": "", "points": 0, "max_points": "",
-                 "message": "not graded: cannot tell which chapter this is (no exercise labels); pass --chapter"}]
+        return [
+            {
+                "student": student,
+                "exercise": "TOTAL",
+                "kind": "",
+                "points": 0,
+                "max_points": "",
+                "message": "not graded: cannot tell which chapter this is (no exercise labels); pass --chapter",
+            }
+        ]
     spec = exercise_spec(source)
     tmp = Path(tempfile.mkdtemp(prefix="grade-"))
     try:
@@ -235,39 +335,82 @@ def grade_one(submission: Path, chapters: list[Path], chapter: Path | None, cell
             d.mkdir(parents=True)
         (work / "submission.ipynb").write_bytes(raw)
         (private / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "HOME": str(home), "MPLCONFIGDIR": str(home / "mpl"), "PRUNING_BOOK_QUIET": "1",
-               "PRUNING_BOOK_DATA_DIR": os.environ.get("PRUNING_BOOK_DATA_DIR",
-                                                       str(Path.home() / ".cache" / "pruning-book"))}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(work / "submission.ipynb"),
-               "--spec", str(private / "spec.json"), "--result", str(private / "result.json"),
-               "--cell-timeout", str(cell_timeout)]
-        proc = subprocess.Popen(cmd, cwd=private, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        env = {
+            **os.environ,
+            "HOME": str(home),
+            "MPLCONFIGDIR": str(home / "mpl"),
+            "PRUNING_BOOK_QUIET": "1",
+            "PRUNING_BOOK_DATA_DIR": os.environ.get(
+                "PRUNING_BOOK_DATA_DIR", str(Path.home() / ".cache" / "pruning-book")
+            ),
+        }
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            str(work / "submission.ipynb"),
+            "--spec",
+            str(private / "spec.json"),
+            "--result",
+            str(private / "result.json"),
+            "--cell-timeout",
+            str(cell_timeout),
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=private,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             log, _ = proc.communicate(timeout=total_timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            return _rows(student, spec, None, f"the notebook ran longer than {total_timeout} s (an endless loop?)")
+            return _rows(
+                student,
+                spec,
+                None,
+                f"the notebook ran longer than {total_timeout} s (an endless loop?)",
+            )
         result = private / "result.json"
         if not result.exists():
             tail = log.decode(errors="replace").strip().splitlines()[-1:] if log else []
-            return _rows(student, spec, None, "the grader lost its result (did the notebook delete files?)"
-                         + (f": {tail[0][:200]}" if tail else ""))
+            return _rows(
+                student,
+                spec,
+                None,
+                "the grader lost its result (did the notebook delete files?)"
+                + (f": {tail[0][:200]}" if tail else ""),
+            )
         return _rows(student, spec, json.loads(result.read_text()), None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("submissions", nargs="*", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("grades.csv"), help="the CSV to write (default grades.csv)")
-    parser.add_argument("--chapter", type=Path, help="the chapter all submissions come from (default: detected)")
-    parser.add_argument("--chapters", type=Path, default=ROOT / "chapters", help="where the chapters are")
-    parser.add_argument("--cell-timeout", type=int, default=300, help="seconds per cell (default 300)")
-    parser.add_argument("--total-timeout", type=int, default=900, help="seconds per notebook (default 900)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("grades.csv"), help="the CSV to write (default grades.csv)"
+    )
+    parser.add_argument(
+        "--chapter", type=Path, help="the chapter all submissions come from (default: detected)"
+    )
+    parser.add_argument(
+        "--chapters", type=Path, default=ROOT / "chapters", help="where the chapters are"
+    )
+    parser.add_argument(
+        "--cell-timeout", type=int, default=300, help="seconds per cell (default 300)"
+    )
+    parser.add_argument(
+        "--total-timeout", type=int, default=900, help="seconds per notebook (default 900)"
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -282,8 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         student_rows = grade_one(sub, chapters, args.chapter, args.cell_timeout, args.total_timeout)
         rows += student_rows
         total = student_rows[-1]
-        print(f"{sub}: {total['points']} / {total['max_points']} points in {time.perf_counter() - t0:.0f} s"
-              + (f" ({total['message']})" if total["message"] else ""))
+        print(
+            f"{sub}: {total['points']} / {total['max_points']} points in {time.perf_counter() - t0:.0f} s"
+            + (f" ({total['message']})" if total["message"] else "")
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

@@ -3,6 +3,7 @@
 The test run executes every chapter under nbval first; the strict build that follows
 renders the committed outputs instead of executing everything a second time.
 """
+
 from pathlib import Path
 
 import yaml

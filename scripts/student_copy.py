@@ -10,11 +10,11 @@ drops the ``solution`` cells (and the sentence pointing at them), turns the exer
 Colab do not render them), clears every output, keeps the checks and the Colab set-up cell, and
 adds a short header saying what to do and how the copy is graded.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import sys
 from pathlib import Path
@@ -22,8 +22,10 @@ from pathlib import Path
 import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
-EXERCISE = re.compile(r"`{3,}\{exercise-start\}\s*\n:label:\s*(\S+)\s*\n`{3,}\s*\n(.*?)\n?`{3,}\{exercise-end\}\s*\n`{3,}",
-                      re.S)
+EXERCISE = re.compile(
+    r"`{3,}\{exercise-start\}\s*\n:label:\s*(\S+)\s*\n`{3,}\s*\n(.*?)\n?`{3,}\{exercise-end\}\s*\n`{3,}",
+    re.S,
+)
 
 # The chapters' exercise introductions point at the site's solution dropdowns, which a copy lacks.
 SOLUTIONS_NOTE = re.compile(r"\s*Solutions are in the collapsed dropdowns: try first\.")
@@ -49,10 +51,12 @@ def label_of(cell: dict) -> str | None:
 
 def exercise_heading(source: str) -> str:
     """``{exercise-start}`` ... ``{exercise-end}`` as a plain Markdown heading and text."""
+
     def plain(m: re.Match) -> str:
         chapter, number = m.group(1).split("-")[1:]
         chapter = f"{chapter[0]}.{chapter[1:]}" if len(chapter) > 1 else chapter
         return f"### Exercise {chapter}.{number} (`{m.group(1)}`)\n\n{m.group(2).strip()}"
+
     return EXERCISE.sub(plain, source)
 
 
@@ -85,10 +89,18 @@ def solution_sources(nb: nbformat.NotebookNode) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("chapters", nargs="*", type=Path, help="chapter notebooks (default: every chapter)")
-    parser.add_argument("--out", type=Path, default=ROOT / "_build" / "student",
-                        help="folder for the copies (default: _build/student/)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "chapters", nargs="*", type=Path, help="chapter notebooks (default: every chapter)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "_build" / "student",
+        help="folder for the copies (default: _build/student/)",
+    )
     args = parser.parse_args(argv)
     chapters = args.chapters or sorted((ROOT / "chapters").glob("*.ipynb"))
     args.out.mkdir(parents=True, exist_ok=True)

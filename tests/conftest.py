@@ -1,4 +1,5 @@
 """Shared fixtures and settings for the unit and property tests."""
+
 import importlib.util
 import os
 import sys
@@ -9,10 +10,14 @@ import torch
 from hypothesis import HealthCheck, settings
 from torch import nn
 
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent / "scripts")
+)  # bookconf, the scripts' helpers
 os.environ.setdefault("PRUNING_BOOK_QUIET", "1")
 torch.set_num_threads(2)
-settings.register_profile("book", deadline=None, max_examples=25,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "book", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile("book")
 
 
@@ -27,15 +32,19 @@ def load_file(path: Path, name: str = ""):
 
 
 def snapshot(model: nn.Module) -> dict:
-    """Everything that describes the model's state: tensors by name, and its pruning hooks."""
+    """Everything that describes the model's state: tensors by name (masks included), its modules
+    and their classes (a parametrization changes the class), and any hooks."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    hooks = [(name, len(m._forward_pre_hooks)) for name, m in model.named_modules()]
+    hooks = [(name, type(m), len(m._forward_pre_hooks)) for name, m in model.named_modules()]
     return {"state": state, "hooks": hooks}
 
 
 def same_snapshot(a: dict, b: dict) -> bool:
-    return (a["hooks"] == b["hooks"] and a["state"].keys() == b["state"].keys()
-            and all(_equal(a["state"][k], b["state"][k]) for k in a["state"]))
+    return (
+        a["hooks"] == b["hooks"]
+        and a["state"].keys() == b["state"].keys()
+        and all(_equal(a["state"][k], b["state"][k]) for k in a["state"])
+    )
 
 
 def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -48,10 +57,14 @@ def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
 @pytest.fixture
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)
+    )
 
 
-def take_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+def take_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int
+) -> None:
     """A few optimizer steps on one batch, then a forward pass so that masked weights are recomputed."""
     for _ in range(steps):
         opt.zero_grad()

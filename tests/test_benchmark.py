@@ -1,10 +1,11 @@
 """The benchmark's quick mode runs, describes the machine, and writes its JSON."""
+
 import json
 import time
 
 import numpy as np
 
-from utils.benchmark import main, peak_extra_rss
+from utils.kit.benchmark import main, peak_extra_rss
 
 
 def test_quick_mode_writes_json(tmp_path, capsys):
@@ -13,24 +14,36 @@ def test_quick_mode_writes_json(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["machine"]["torch_threads"] >= 1 and saved["quick"] is True
     pruners = saved["prune_speed"]["pruners"]
-    assert set(pruners) == {"utils.pruning", "seed listing", "torch.nn.utils.prune"}
+    assert set(pruners) == {"utils.pruning", "source listing", "torch.nn.utils.prune"}
     assert all(row["time_s"] > 0 for row in pruners.values())
     assert results["prune_speed"]["weights"] == saved["prune_speed"]["weights"]
     assert {r["batch"] for r in saved["structured"]} == {1, 2}
-    assert all(r["MACs ratio"] > 3 for r in saved["structured"])  # half the channels: about 4x fewer MACs
-    assert {(r["width"], r["sparsity"]) for r in saved["sparse_linear"]} == {(256, 0.5), (256, 0.99)}
+    assert all(
+        r["MACs ratio"] > 3 for r in saved["structured"]
+    )  # half the channels: about 4x fewer MACs
+    assert {(r["width"], r["sparsity"]) for r in saved["sparse_linear"]} == {
+        (256, 0.5),
+        (256, 0.99),
+    }
     assert set(saved["break_even"]) == {"cpu width 256 batch 1", "cpu width 256 batch 8"}
     assert "skipped" in saved["semi_structured"] or saved["semi_structured"]["rows"]
     large = saved["large_inplace"]
-    assert large["exact"] and large["weights"] == 4 * 256 * 256 and large["zeros"] == large["weights"] // 2
+    assert (
+        large["exact"]
+        and large["weights"] == 4 * 256 * 256
+        and large["zeros"] == large["weights"] // 2
+    )
     out = capsys.readouterr().out
     assert "utils.pruning" in out and "(c)" in out and "(d)" in out
 
 
 def test_break_even_is_the_lowest_sparsity_where_csr_wins():
-    from utils.benchmark import break_even
-    rows = [{"device": "cpu", "width": 8, "batch": 1, "sparsity": s, "csr / dense": r}
-            for s, r in [(0.5, 2.0), (0.9, 0.8), (0.95, 0.5)]]
+    from utils.kit.benchmark import break_even
+
+    rows = [
+        {"device": "cpu", "width": 8, "batch": 1, "sparsity": s, "csr / dense": r}
+        for s, r in [(0.5, 2.0), (0.9, 0.8), (0.95, 0.5)]
+    ]
     rows.append({"device": "cpu", "width": 8, "batch": 64, "sparsity": 0.99, "csr / dense": 1.2})
     assert break_even(rows) == {"cpu width 8 batch 1": 0.9, "cpu width 8 batch 64": None}
 

@@ -1,18 +1,21 @@
 """Every exercise check passes a right answer, fails wrong ones, and fails the empty stub on every
 case (a check that cannot fail is no check); the utils function an exercise asks for is blocked."""
+
 import copy
-import inspect
 import math
+import sys
 
 import pytest
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from utils import checks, measure, pruning
+import utils.lab.measure
+from utils.kit import checks
+from utils.lab import measure
+from utils.lab.training import train
 from utils.pruning import prune_structured, prune_unstructured, semi_structured_mask, smallest_k
-from utils.surgery import shrink
-from utils.training import train
+from utils.pruning.surgery import shrink
 
 
 def shrink_pair(fc1, fc2, keep):
@@ -84,8 +87,13 @@ def csr_break_even(rows, cols):
 
 
 def halve_macs(model, example):
-    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                       pruning_ratio=0.3, ignored_layers=[model.fc])
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.3,
+        ignored_layers=[model.fc],
+    )
     pruner.step()
     return model
 
@@ -110,6 +118,7 @@ def cubic_ramp(model, loader, final, epochs, ramp_share=0.7):
     def step(t):
         if t % 5 == 0 or t == ramp:
             prune_unstructured(model, round(final * (1 - (1 - min(t, ramp) / ramp) ** 3), 6))
+
     train(model, loader, epochs=epochs, lr=0.05, on_step=step, progress=False)
     return model
 
@@ -142,63 +151,169 @@ def wrong_cheap_train(model, loader, ratio):  # prunes but never fine-tunes
 
 
 CASES = {  # check: (right answer, [wrong answers])
-    "check_count_weights": (n_weights, [lambda m: sum(p.numel() for p in m.parameters()),
-                                        lambda m: sum(p.numel() for p in m.parameters() if p.dim() > 1),
-                                        measure.count_weights]),
-    "check_model_megabytes": (lambda n, b: n * b / 8 / 1e6, [lambda n, b: n * b / 1e6, lambda n, b: n * b / 8 / 2 ** 20]),
-    "check_conv_macs": (lambda ci, co, k, h, w: ci * co * k * k * h * w,
-                        [lambda ci, co, k, h, w: ci * co * k * k,
-                         lambda ci, co, k, h, w: measure.count_flops(nn.Conv2d(ci, co, k), torch.zeros(1, ci, h + k - 1, w + k - 1)) // 2]),
-    "check_mlp_widths": (mlp_widths, [lambda b, bits: (300, 100), lambda b, bits: (10, 20),
-                                      lambda b, bits: tuple(x * 2 for x in mlp_widths(b, bits))]),
-    "check_sparsity": (lambda t: float((t == 0).float().mean()), [lambda t: float((t != 0).float().mean()),
-                                                                   lambda t: (t == 0).float().mean()]),
-    "check_local_counts": (lambda sizes, r: [round(r * n) for n in sizes],
-                           [lambda sizes, r: [int(r * n) + 1 for n in sizes], lambda sizes, r: round(r * sum(sizes))]),
-    "check_theoretical_speedup": (lambda m, d: sum(m) / sum(a * b for a, b in zip(m, d)),
-                                  [lambda m, d: 1 / (sum(d) / len(d))]),
-    "check_sparsity_allocation": (allocation, [lambda sizes, macs, t: [t] * len(sizes),
-                                               lambda sizes, macs, t: allocation(sizes, [n * n for n in sizes], t)]),
-    "check_rowwise_mask": (rowwise_mask, [lambda w, r: ~smallest_k(w.abs(), round(r * w.numel())),
-                                          lambda w, r: w.abs() > w.abs().flatten(1).quantile(r, dim=1).view(-1, *[1] * (w.dim() - 1))]),
-    "check_prune_finetune": (prune_finetune, [wrong_cheap_train, lambda m, l, r: m]),
-    "check_share_at_threshold": (lambda w, t: float((w.abs() <= t).float().mean()),
-                                 [lambda w, t: float((w.abs() < t).float().mean()), lambda w, t: float((w <= t).float().mean())]),
-    "check_total_sparsity": (lambda sizes, r: sum(n * r.get(k, 0.0) for k, n in sizes.items()) / sum(sizes.values()),
-                             [lambda sizes, r: sum(r.values()) / len(r), lambda sizes, r: sum(r.values()) / len(sizes),
-                              lambda sizes, r: sum(round(n * r.get(k, 0.0)) for k, n in sizes.items()) / sum(sizes.values())]),
+    "check_count_weights": (
+        n_weights,
+        [
+            lambda m: sum(p.numel() for p in m.parameters()),
+            lambda m: sum(p.numel() for p in m.parameters() if p.dim() > 1),
+            measure.count_weights,
+        ],
+    ),
+    "check_model_megabytes": (
+        lambda n, b: n * b / 8 / 1e6,
+        [lambda n, b: n * b / 1e6, lambda n, b: n * b / 8 / 2**20],
+    ),
+    "check_conv_macs": (
+        lambda ci, co, k, h, w: ci * co * k * k * h * w,
+        [
+            lambda ci, co, k, h, w: ci * co * k * k,
+            lambda ci, co, k, h, w: (
+                measure.count_flops(nn.Conv2d(ci, co, k), torch.zeros(1, ci, h + k - 1, w + k - 1))
+                // 2
+            ),
+        ],
+    ),
+    "check_mlp_widths": (
+        mlp_widths,
+        [
+            lambda b, bits: (300, 100),
+            lambda b, bits: (10, 20),
+            lambda b, bits: tuple(x * 2 for x in mlp_widths(b, bits)),
+        ],
+    ),
+    "check_sparsity": (
+        lambda t: float((t == 0).float().mean()),
+        [lambda t: float((t != 0).float().mean()), lambda t: (t == 0).float().mean()],
+    ),
+    "check_local_counts": (
+        lambda sizes, r: [round(r * n) for n in sizes],
+        [lambda sizes, r: [int(r * n) + 1 for n in sizes], lambda sizes, r: round(r * sum(sizes))],
+    ),
+    "check_theoretical_speedup": (
+        lambda m, d: sum(m) / sum(a * b for a, b in zip(m, d)),
+        [lambda m, d: 1 / (sum(d) / len(d))],
+    ),
+    "check_sparsity_allocation": (
+        allocation,
+        [
+            lambda sizes, macs, t: [t] * len(sizes),
+            lambda sizes, macs, t: allocation(sizes, [n * n for n in sizes], t),
+        ],
+    ),
+    "check_rowwise_mask": (
+        rowwise_mask,
+        [
+            lambda w, r: ~smallest_k(w.abs(), round(r * w.numel())),
+            lambda w, r: (
+                w.abs() > w.abs().flatten(1).quantile(r, dim=1).view(-1, *[1] * (w.dim() - 1))
+            ),
+        ],
+    ),
+    "check_prune_finetune": (prune_finetune, [wrong_cheap_train, lambda m, loader, r: m]),
+    "check_share_at_threshold": (
+        lambda w, t: float((w.abs() <= t).float().mean()),
+        [
+            lambda w, t: float((w.abs() < t).float().mean()),
+            lambda w, t: float((w <= t).float().mean()),
+        ],
+    ),
+    "check_total_sparsity": (
+        lambda sizes, r: sum(n * r.get(k, 0.0) for k, n in sizes.items()) / sum(sizes.values()),
+        [
+            lambda sizes, r: sum(r.values()) / len(r),
+            lambda sizes, r: sum(r.values()) / len(sizes),
+            lambda sizes, r: (
+                sum(round(n * r.get(k, 0.0)) for k, n in sizes.items()) / sum(sizes.values())
+            ),
+        ],
+    ),
     "check_global_threshold": (
-        lambda ws, r: float(torch.cat(ws).abs().kthvalue(max(1, round(r * sum(w.numel() for w in ws)))).values),
-        [lambda ws, r: float(torch.cat(ws).abs().quantile(r))]),
-    "check_geometric_schedule": (lambda s, n: [1 - (1 - s) ** (i / n) for i in range(1, n + 1)],
-                                 [lambda s, n: [s * i / n for i in range(1, n + 1)]]),
-    "check_regrown": (lambda w, m: int(((m == 0) & (w != 0)).sum()), [lambda w, m: int((w != 0).sum())]),
+        lambda ws, r: float(
+            torch.cat(ws).abs().kthvalue(max(1, round(r * sum(w.numel() for w in ws)))).values
+        ),
+        [lambda ws, r: float(torch.cat(ws).abs().quantile(r))],
+    ),
+    "check_geometric_schedule": (
+        lambda s, n: [1 - (1 - s) ** (i / n) for i in range(1, n + 1)],
+        [lambda s, n: [s * i / n for i in range(1, n + 1)]],
+    ),
+    "check_regrown": (
+        lambda w, m: int(((m == 0) & (w != 0)).sum()),
+        [lambda w, m: int((w != 0).sum())],
+    ),
     "check_safe_ratio": (safe_ratio, [lambda m, v, b: 0.95, lambda m, v, b: 0.0]),
-    "check_dead_units": (lambda w: int((w.flatten(1) == 0).all(1).sum()), [lambda w: int((w == 0).all(0).sum())]),
-    "check_flatten_columns": (lambda k, hw: (k[:, None] * hw + torch.arange(hw)).flatten(), [lambda k, hw: k]),
+    "check_dead_units": (
+        lambda w: int((w.flatten(1) == 0).all(1).sum()),
+        [lambda w: int((w == 0).all(0).sum())],
+    ),
+    "check_flatten_columns": (
+        lambda k, hw: (k[:, None] * hw + torch.arange(hw)).flatten(),
+        [lambda k, hw: k],
+    ),
     "check_shrink_linear_pair": (shrink_pair, [lambda a, b, k: (a, b)]),
-    "check_macs_budget": (macs_budget, [lambda m, l, b: m, lambda m, l, b: shrink(_silenced(m, 0.75))]),
-    "check_csr_bytes": (lambda r, c, nnz: 4 * nnz + 8 * nnz + 8 * (r + 1), [lambda r, c, nnz: 4 * nnz]),
-    "check_break_even": (lambda t: min((s for s, r in t.items() if r < 1), default=math.inf),
-                         [lambda t: max((s for s, r in t.items() if r < 1), default=math.inf),
-                          lambda t: min((s for s, r in t.items() if r <= 1), default=math.inf)]),
-    "check_modelled_energy": (lambda m, w, c: (m * 4.6 + w * (5 if c else 640)) / 1e6, [lambda m, w, c: (m * 4.6 + w * 640) / 1e6]),
+    "check_macs_budget": (
+        macs_budget,
+        [lambda m, loader, b: m, lambda m, loader, b: shrink(_silenced(m, 0.75))],
+    ),
+    "check_csr_bytes": (
+        lambda r, c, nnz: 4 * nnz + 8 * nnz + 8 * (r + 1),
+        [lambda r, c, nnz: 4 * nnz],
+    ),
+    "check_break_even": (
+        lambda t: min((s for s, r in t.items() if r < 1), default=math.inf),
+        [
+            lambda t: max((s for s, r in t.items() if r < 1), default=math.inf),
+            lambda t: min((s for s, r in t.items() if r <= 1), default=math.inf),
+        ],
+    ),
+    "check_modelled_energy": (
+        lambda m, w, c: (m * 4.6 + w * (5 if c else 640)) / 1e6,
+        [lambda m, w, c: (m * 4.6 + w * 640) / 1e6],
+    ),
     "check_csr_storage_break_even": (csr_break_even, [lambda r, c: 1 / 3, lambda r, c: 2 / 3]),
     "check_relative_amount": (lambda c, t: (t - c) / (1 - c), [lambda c, t: t - c]),
     "check_pruned_tensor_names": (
         lambda m: sorted(n[:-5] for n, _ in m.named_buffers(recurse=False) if n.endswith("_mask")),
-        [lambda m: ["weight"], lambda m: sorted(n[:-5] for n, _ in m.named_buffers() if n.endswith("_mask"))]),
-    "check_semi_structured_mask": (mask_2_4, [lambda w: w.abs() >= w.abs().median(), semi_structured_mask]),
+        [
+            lambda m: ["weight"],
+            lambda m: sorted(n[:-5] for n, _ in m.named_buffers() if n.endswith("_mask")),
+        ],
+    ),
+    "check_semi_structured_mask": (
+        mask_2_4,
+        [lambda w: w.abs() >= w.abs().median(), semi_structured_mask],
+    ),
     "check_halve_macs": (halve_macs, [lambda m, e: m]),
     "check_mask_overlap": (overlap, [lambda a, b: float((a.bool() & b.bool()).float().mean())]),
-    "check_gradual_pruning": (gradual, [lambda m, l, f, e: (prune_unstructured(m, f), m)[1], gradual_to_the_end,
-                              gradual_one_epoch_more]),
-    "check_int8": (lambda w: (torch.round(w / (w.abs().max() / 127)).clamp(-127, 127).to(torch.int8), float(w.abs().max()) / 127),
-                   [lambda w: (torch.round(w * 127).to(torch.int8), 1 / 127)]),
+    "check_gradual_pruning": (
+        gradual,
+        [
+            lambda m, loader, f, e: (prune_unstructured(m, f), m)[1],
+            gradual_to_the_end,
+            gradual_one_epoch_more,
+        ],
+    ),
+    "check_int8": (
+        lambda w: (
+            torch.round(w / (w.abs().max() / 127)).clamp(-127, 127).to(torch.int8),
+            float(w.abs().max()) / 127,
+        ),
+        [lambda w: (torch.round(w * 127).to(torch.int8), 1 / 127)],
+    ),
     "check_combined_compression": (lambda s, b: 32 / b / (1 - s), [lambda s, b: 1 / (1 - s)]),
-    "check_best_config": (best_config, [lambda rows, a, t: rows[0]["name"],
-                                        lambda rows, a, t: (best_config(rows, a, t) if best_config(rows, a, t) != "none" else None)]),
-    "check_compression_budget": (compression_budget, [lambda m, l: (m, 8), lambda m, l: (prune_finetune(m, l, 0.8), 16)]),
+    "check_best_config": (
+        best_config,
+        [
+            lambda rows, a, t: rows[0]["name"],
+            lambda rows, a, t: (
+                best_config(rows, a, t) if best_config(rows, a, t) != "none" else None
+            ),
+        ],
+    ),
+    "check_compression_budget": (
+        compression_budget,
+        [lambda m, loader: (m, 8), lambda m, loader: (prune_finetune(m, loader, 0.8), 16)],
+    ),
 }
 
 
@@ -228,21 +343,56 @@ def test_right_passes_wrong_fails_stub_fails_every_case(name, capsys):
     assert "FAIL" in out and "got None: does your function `return` its result?" in out
 
 
-def test_forbidden_blocks_every_alias_and_restores():
-    from utils.measure import count_weights as alias
+def test_forbidden_blocks_the_readers_code_only_under_every_alias_and_restores():
+    from utils.lab.measure import count_weights as alias
+
     model = nn.Linear(3, 2)
-    with checks.forbidden(measure.count_weights):
+    library_code = measure.count_weights.__code__
+
+    def via_alias(m):
+        return alias(m)
+
+    def via_module(m):
+        return measure.count_weights(m)
+
+    def via_package(m):
+        return utils.lab.measure.count_weights(m)
+
+    def via_own_import(m):
+        from utils.lab.measure import count_weights
+
+        return count_weights(m)
+
+    for reader in (via_alias, via_module, via_package, via_own_import):
         with pytest.raises(RuntimeError, match="write it yourself"):
-            alias(model)
-    assert alias(model) == 6
+            with checks.forbidden(reader, measure.count_weights):
+                reader(model)
+    with checks.forbidden(via_alias, measure.count_weights):
+        assert (
+            sys.modules["utils.lab.measure"].count_weights(model) == 6
+        )  # other callers unaffected
+    assert measure.count_weights.__code__ is library_code  # the library is never changed
+    assert all(
+        reader(model) == 6 for reader in (via_alias, via_module, via_package, via_own_import)
+    )
 
 
-def test_forbidden_functions_are_plain():
-    """Only plain functions (no closure) can be blocked by swapping their code."""
-    for f in (measure.count_weights, measure.count_params, measure.count_flops, measure.layer_macs,
-              measure.effective_macs, measure.csr_bytes, measure.to_csr, smallest_k, pruning.prune_unstructured,
-              pruning.prune_structured, semi_structured_mask, shrink):
-        assert inspect.isfunction(f) and f.__closure__ is None, f
+def test_forbidden_sees_through_a_checks_wrapper_and_lets_the_readers_own_names_be():
+    def count_weights(m):  # the reader's own function, with the library's name
+        return sum(p.numel() for n, p in m.named_parameters() if n.endswith("weight"))
+
+    def wrapper(m):  # as a check wraps the reader's function
+        return count_weights(m)
+
+    with checks.forbidden(wrapper, measure.count_weights):
+        assert wrapper(nn.Linear(3, 2)) == 6
+    verdict = checks.run_check(
+        "weights",
+        lambda m: measure.count_weights(m),
+        [("a", (nn.Linear(3, 2),), 6)],
+        forbid=(measure.count_weights,),
+    )
+    assert verdict.passed == 0
 
 
 def test_no_case_expects_none():

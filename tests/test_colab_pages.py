@@ -1,5 +1,6 @@
 """The Colab copies (colab/, written by scripts/colab_pages.py) read well on Colab and are in
 sync with the chapters; the site's Colab button opens them."""
+
 import json
 import re
 from pathlib import Path
@@ -13,13 +14,19 @@ CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 
 colab_pages = load_file(ROOT / "scripts" / "colab_pages.py")
 book_site = load_file(ROOT / "book" / "_ext" / "book_site.py")
-MYST = re.compile(r"\{(exercise|solution)-(start|end)\}|\{cite[:\w]*\}`|\{term\}`|:class: dropdown"
-                  r"|\{(ref|numref|doc|eq|glue[:\w]*)\}`|^```+\s*\{|^:::+\s*\{", re.M)
+MYST = re.compile(
+    r"\{(exercise|solution)-(start|end)\}|\{cite[:\w]*\}`|\{term\}`|:class: dropdown"
+    r"|\{(ref|numref|doc|eq|glue[:\w]*)\}`|^```+\s*\{|^:::+\s*\{",
+    re.M,
+)
 
 
 def test_colab_copies_are_in_sync_with_the_chapters():
-    stale = [p.name for p, text in colab_pages.targets().items()
-             if not p.exists() or p.read_text(encoding="utf8") != text]
+    stale = [
+        p.name
+        for p, text in colab_pages.targets().items()
+        if not p.exists() or p.read_text(encoding="utf8") != text
+    ]
     assert not stale, f"run `python scripts/colab_pages.py`: stale Colab copies {stale}"
     extra = {p.name for p in (ROOT / "colab").glob("*.ipynb")} - {p.name for p in CHAPTERS}
     assert not extra, f"Colab copies of no chapter: {extra}"
@@ -38,17 +45,31 @@ def test_colab_copy_reads_as_plain_markdown(chapter):
     code = [c for c in copy["cells"] if c["cell_type"] == "code"]
     assert "google.colab" in "".join(code[0]["source"]), "the set-up cell comes first"
     # every exercise has a numbered heading, every solution is a collapsed form cell
-    labels = sorted({t for c in source["cells"] for t in c["metadata"].get("tags", [])
-                     if re.fullmatch(r"ex-\d+-\d+", t)})
-    markdown = "\n".join("".join(c["source"]) for c in copy["cells"]
-                         if c["cell_type"] == "markdown")
+    labels = sorted(
+        {
+            t
+            for c in source["cells"]
+            for t in c["metadata"].get("tags", [])
+            if re.fullmatch(r"ex-\d+-\d+", t)
+        }
+    )
+    markdown = "\n".join(
+        "".join(c["source"]) for c in copy["cells"] if c["cell_type"] == "markdown"
+    )
     for label in labels:
         assert f"### Exercise {colab_pages.exercise_number(label)}" in markdown, label
     solutions = [c for c in copy["cells"] if "solution" in c["metadata"].get("tags", [])]
-    assert all(c["cell_type"] == "code" and c["metadata"].get("cellView") == "form"
-               and "".join(c["source"]).startswith("#@title ") for c in solutions)
-    solution_code = [c for c in source["cells"]
-                     if "solution" in c["metadata"].get("tags", []) and c["cell_type"] == "code"]
+    assert all(
+        c["cell_type"] == "code"
+        and c["metadata"].get("cellView") == "form"
+        and "".join(c["source"]).startswith("#@title ")
+        for c in solutions
+    )
+    solution_code = [
+        c
+        for c in source["cells"]
+        if "solution" in c["metadata"].get("tags", []) and c["cell_type"] == "code"
+    ]
     assert len([c for c in solutions if "Solution to" in c["source"][0]]) == len(solution_code)
     # citations as text, and a references list linking to the bibliography
     cited = set(re.findall(r"\{cite[:\w]*\}`([^`]*)`", json.dumps(source)))
@@ -60,13 +81,19 @@ def test_colab_copy_reads_as_plain_markdown(chapter):
 
 
 def test_markdown_conversions():
-    bib = {"han2015learning": {"author": "Han, Song and Pool, Jeff and Tran, John",
-                               "year": "2015", "title": "T"},
-           "lecun1990optimal": {"author": "LeCun, Yann and Denker, John S.", "year": "1990"}}
+    bib = {
+        "han2015learning": {
+            "author": "Han, Song and Pool, Jeff and Tran, John",
+            "year": "2015",
+            "title": "T",
+        },
+        "lecun1990optimal": {"author": "LeCun, Yann and Denker, John S.", "year": "1990"},
+    }
     cited = []
     text = "as shown {cite}`han2015learning` and {cite:t}`lecun1990optimal`; {term}`sparsity`."
     assert colab_pages.plain_roles(text, bib, cited) == (
-        "as shown (Han et al., 2015) and LeCun and Denker (1990); sparsity.")
+        "as shown (Han et al., 2015) and LeCun and Denker (1990); sparsity."
+    )
     assert cited == ["han2015learning", "lecun1990optimal"]
     assert colab_pages.plain_roles("{term}`masks <mask>`", bib, []) == "masks"
     linked = colab_pages.plain_roles("Han et al. {cite}`han2015learning`", bib, [], "https://b")
@@ -80,14 +107,18 @@ def test_markdown_conversions():
 def test_the_colab_button_opens_the_colab_copy():
     url = "https://github.com/pruning-book/pruning-book"
     org_repo = url.split("github.com/")[1]
-    button = {"text": "Colab", "url": "https://colab.research.google.com/github/"
-              f"{org_repo}/blob/main/chapters/05-applications.ipynb"}
+    button = {
+        "text": "Colab",
+        "url": "https://colab.research.google.com/github/"
+        f"{org_repo}/blob/main/chapters/05-applications.ipynb",
+    }
     context = {"header_buttons": [{"label": "launch-buttons", "buttons": [button]}]}
     book_site.colab_copy_buttons(None, "chapters/05-applications", "page.html", context, None)
     assert button["url"].endswith(f"{org_repo}/blob/main/colab/05-applications.ipynb")
     other = {"text": "Colab", "url": "https://colab.research.google.com/x/book/intro.ipynb"}
-    book_site.colab_copy_buttons(None, "book/intro", "page.html",
-                                 {"header_buttons": [{"buttons": [other]}]}, None)
+    book_site.colab_copy_buttons(
+        None, "book/intro", "page.html", {"header_buttons": [{"buttons": [other]}]}, None
+    )
     assert other["url"].endswith("book/intro.ipynb")
 
 
@@ -116,5 +147,7 @@ def test_bibliography_reader_handles_long_fields_organisations_and_others(tmp_pa
     assert entries["a"]["title"] == "A Long Title that runs over two lines?"
     assert colab_pages.author_year(entries["b"]) == ("PyTorch Team", "2026")
     assert colab_pages.author_year(entries["c"]) == ("Paszke et al.", "2019")
-    assert colab_pages.reference_line(entries["a"]).startswith("- Howard, Sandler, Chu (2019). A Long")
+    assert colab_pages.reference_line(entries["a"]).startswith(
+        "- Howard, Sandler, Chu (2019). A Long"
+    )
     assert "?." not in colab_pages.reference_line(entries["a"])

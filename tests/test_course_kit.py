@@ -1,6 +1,7 @@
 """The course kit: student copies (no solution left, run clean) and the autograder (reference =
 full marks, untouched copy = 0, one exercise solved = exactly its points, broken or hostile
 submissions = rows, never a crash or a changed file outside the grader's temporary folder)."""
+
 import ast
 import copy
 import csv
@@ -9,8 +10,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
-from utils.book import ROOT
+from bookconf import ROOT
 from conftest import load_file
 
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
@@ -35,17 +35,34 @@ def trimmed(nb):
     imports = []
     for c in cells[:start]:
         if c.cell_type == "code" and "google.colab" not in c.source:
-            tree = ast.parse("\n".join(ln for ln in c.source.splitlines() if not ln.lstrip().startswith(("!", "%"))))
-            imports += [ast.get_source_segment(c.source, s) for s in tree.body if isinstance(s, (ast.Import, ast.ImportFrom))]
+            tree = ast.parse(
+                "\n".join(
+                    ln for ln in c.source.splitlines() if not ln.lstrip().startswith(("!", "%"))
+                )
+            )
+            imports += [
+                ast.get_source_segment(c.source, s)
+                for s in tree.body
+                if isinstance(s, (ast.Import, ast.ImportFrom))
+            ]
     out = copy.deepcopy(nb)
-    out.cells = [copy.deepcopy(cells[0]), nbformat.v4.new_code_cell("\n".join(imports))] + copy.deepcopy(cells[start:])
+    out.cells = [
+        copy.deepcopy(cells[0]),
+        nbformat.v4.new_code_cell("\n".join(imports)),
+    ] + copy.deepcopy(cells[start:])
     return out
 
 
 def grade_files(paths, tmp_path, **kw):
     rows = []
     for p in paths:
-        rows += grade.grade_one(Path(p), CHAPTERS, kw.get("chapter"), kw.get("cell_timeout", 120), kw.get("total_timeout", 300))
+        rows += grade.grade_one(
+            Path(p),
+            CHAPTERS,
+            kw.get("chapter"),
+            kw.get("cell_timeout", 120),
+            kw.get("total_timeout", 300),
+        )
     return rows
 
 
@@ -67,8 +84,12 @@ def test_exercise_cells_follow_the_convention(path):
     kinds = {"auto": 0, "manual": 0}
     for ex in grade.exercise_spec(path):
         kinds[ex["kind"]] += 1
-    assert set(e["label"] for e in grade.exercise_spec(path)) == set(labels), "every exercise has one stub cell"
-    assert kinds["manual"] >= 1 and kinds["auto"] >= 1, "checked exercises and an explain question with an answer key"
+    assert set(e["label"] for e in grade.exercise_spec(path)) == set(labels), (
+        "every exercise has one stub cell"
+    )
+    assert kinds["manual"] >= 1 and kinds["auto"] >= 1, (
+        "checked exercises and an explain question with an answer key"
+    )
     for c in nb.cells:
         if "{solution-start}" in c.source or "{solution-end}" in c.source:
             assert "solution" in tags(c)
@@ -83,14 +104,22 @@ def test_exercise_cells_follow_the_convention(path):
             assert "# your code here" in stub.source
             assert any("assert check_" in c.source for c in sol)
         else:  # an explain question: the answer key sits between the dropdown's fences
-            assert any(c.cell_type == "markdown" and "{solution-" not in c.source and c.source.strip() for c in sol)
+            assert any(
+                c.cell_type == "markdown" and "{solution-" not in c.source and c.source.strip()
+                for c in sol
+            )
 
 
-@pytest.mark.parametrize("path", [p for p in CHAPTERS if p.stem[:2] in {f"0{i}" for i in range(1, 9)}],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    [p for p in CHAPTERS if p.stem[:2] in {f"0{i}" for i in range(1, 9)}],
+    ids=lambda p: p.stem,
+)
 def test_chapters_1_to_8_hide_stub_output_and_have_a_design_exercise(path):
     nb = nbformat.read(path, as_version=4)
-    assert all("hide-output" in tags(c) for c in nb.cells if "stub" in tags(c) and c.cell_type == "code")
+    assert all(
+        "hide-output" in tags(c) for c in nb.cells if "stub" in tags(c) and c.cell_type == "code"
+    )
     assert any(c.metadata.get("points", 1) >= 2 for c in nb.cells if "exercise" in tags(c))
 
 
@@ -101,18 +130,26 @@ def test_student_copy_has_no_solution_and_no_output(path, tmp_path):
     copy_ = nbformat.read(tmp_path / path.name, as_version=4)
     text = "\n".join(c.source for c in copy_.cells)
     elsewhere = {ln for c in nb.cells if "solution" not in tags(c) for ln in c.source.splitlines()}
-    solution_lines = {ln for src in student_copy.solution_sources(nb) for ln in src.splitlines()
-                      if ln.strip() and ln not in elsewhere}
+    solution_lines = {
+        ln
+        for src in student_copy.solution_sources(nb)
+        for ln in src.splitlines()
+        if ln.strip() and ln not in elsewhere
+    }
     assert solution_lines, "the chapter has solutions"
     left = {ln for ln in text.splitlines() if ln in solution_lines}
     assert not left, f"solution lines left in the student copy: {sorted(left)[:3]}"
     assert "{solution-start}" not in text and "{exercise-start}" not in text
-    assert all(c.outputs == [] and c.execution_count is None for c in copy_.cells if c.cell_type == "code")
+    assert all(
+        c.outputs == [] and c.execution_count is None for c in copy_.cells if c.cell_type == "code"
+    )
     assert sum("google.colab" in c.source for c in copy_.cells) == 1
     assert "Student copy" in copy_.cells[1].source
     assert "collapsed dropdowns" not in text, "the copy has no solutions to point at"
     stubs = [c for c in copy_.cells if "stub" in tags(c)]
-    assert len(stubs) == len(exercise_labels(nb)) and all("check_" in c.source for c in stubs if c.cell_type == "code")
+    assert len(stubs) == len(exercise_labels(nb)) and all(
+        "check_" in c.source for c in stubs if c.cell_type == "code"
+    )
     nbformat.validate(copy_)
 
 
@@ -140,18 +177,31 @@ def test_reference_full_marks_and_one_solved_exact_points(path, tmp_path):
     untouched = write(small_copy, tmp_path / "untouched.ipynb")
     first = alone[0]
     solved = copy.deepcopy(small_copy)
-    code = next(c for c in nb.cells if "solution" in tags(c) and first["label"] in tags(c) and c.cell_type == "code")
-    at = next(i for i, c in enumerate(solved.cells) if "stub" in tags(c) and first["label"] in tags(c))
+    code = next(
+        c
+        for c in nb.cells
+        if "solution" in tags(c) and first["label"] in tags(c) and c.cell_type == "code"
+    )
+    at = next(
+        i for i, c in enumerate(solved.cells) if "stub" in tags(c) and first["label"] in tags(c)
+    )
     solved.cells.insert(at + 1, nbformat.v4.new_code_cell(code.source))
     one = write(solved, tmp_path / "one.ipynb")
     rows = grade_files([reference, untouched, one], tmp_path, chapter=path)
-    ref, zero, single = by_exercise(rows, reference), by_exercise(rows, untouched), by_exercise(rows, one)
+    ref, zero, single = (
+        by_exercise(rows, reference),
+        by_exercise(rows, untouched),
+        by_exercise(rows, one),
+    )
     assert ref["TOTAL"]["max_points"] == sum(e["points"] for e in auto)
     assert ref["TOTAL"]["points"] == sum(e["points"] for e in alone), ref
     assert all(ref[e["label"]]["points"] == e["points"] for e in alone)
     assert all("is not defined" in ref[e["label"]]["message"] for e in auto if e not in alone)
     assert zero["TOTAL"]["points"] == 0, zero
-    assert single["TOTAL"]["points"] == first["points"] and single[first["label"]]["points"] == first["points"], single
+    assert (
+        single["TOTAL"]["points"] == first["points"]
+        and single[first["label"]]["points"] == first["points"]
+    ), single
     manual = [e["label"] for e in spec if e["kind"] == "manual"]
     assert all(zero[m]["message"] == "grade by hand: no answer" for m in manual)
     assert all(zero[e["label"]]["message"].startswith("0 of ") for e in alone)
@@ -169,17 +219,39 @@ def test_broken_and_hostile_submissions_give_rows(tmp_path):
     victim.write_text("keep me")
     stubs = [i for i, c in enumerate(hostile.cells) if "stub" in tags(c) and c.cell_type == "code"]
     hostile.cells.pop(stubs[0])  # a missing exercise
-    at = next(i for i, c in enumerate(hostile.cells) if c.cell_type == "code" and "import torch" in c.source) + 1
-    hostile.cells.insert(at, nbformat.v4.new_code_cell(  # deletes every file it can reach by relative paths
-        "import os, shutil\nfor f in os.listdir('.'):\n    os.remove(f)\nshutil.rmtree('..', ignore_errors=True)"))
-    hostile.cells.insert(at + 1, nbformat.v4.new_code_cell("while True:\n    pass"))  # an endless loop, interrupted
+    at = (
+        next(
+            i
+            for i, c in enumerate(hostile.cells)
+            if c.cell_type == "code" and "import torch" in c.source
+        )
+        + 1
+    )
+    hostile.cells.insert(
+        at,
+        nbformat.v4.new_code_cell(  # deletes every file it can reach by relative paths
+            "import os, shutil\nfor f in os.listdir('.'):\n    os.remove(f)\nshutil.rmtree('..', ignore_errors=True)"
+        ),
+    )
+    hostile.cells.insert(
+        at + 1, nbformat.v4.new_code_cell("while True:\n    pass")
+    )  # an endless loop, interrupted
     write(hostile, tmp_path / "hostile.ipynb")
     killer = copy.deepcopy(nb)
     killer.cells.insert(2, nbformat.v4.new_code_cell("import os\nos._exit(3)"))  # kills the kernel
     write(killer, tmp_path / "killer.ipynb")
     before = sorted(p.name for p in tmp_path.iterdir())
-    rows = grade_files([tmp_path / "not-json.ipynb", tmp_path / "not-a-notebook.ipynb", tmp_path / "hostile.ipynb",
-                        tmp_path / "killer.ipynb"], tmp_path, chapter=chapter, cell_timeout=30)
+    rows = grade_files(
+        [
+            tmp_path / "not-json.ipynb",
+            tmp_path / "not-a-notebook.ipynb",
+            tmp_path / "hostile.ipynb",
+            tmp_path / "killer.ipynb",
+        ],
+        tmp_path,
+        chapter=chapter,
+        cell_timeout=30,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == before and victim.read_text() == "keep me"
     for name in ("not-json.ipynb", "not-a-notebook.ipynb"):
         r = by_exercise(rows, tmp_path / name)
@@ -198,15 +270,30 @@ def test_endless_notebook_is_stopped(tmp_path):
     """A loop that ignores interrupts: cells and checks time out, or the whole run is killed."""
     chapter = CHAPTERS[0]
     nb = student_copy.student_copy(trimmed(nbformat.read(chapter, as_version=4)), chapter.stem)
-    at = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "import torch" in c.source) + 1
-    nb.cells.insert(at, nbformat.v4.new_code_cell(
-        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass"))
+    at = (
+        next(
+            i
+            for i, c in enumerate(nb.cells)
+            if c.cell_type == "code" and "import torch" in c.source
+        )
+        + 1
+    )
+    nb.cells.insert(
+        at,
+        nbformat.v4.new_code_cell(
+            "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass"
+        ),
+    )
     path = write(nb, tmp_path / "endless.ipynb")
-    rows = by_exercise(grade_files([path], tmp_path, chapter=chapter, cell_timeout=20, total_timeout=60), path)
+    rows = by_exercise(
+        grade_files([path], tmp_path, chapter=chapter, cell_timeout=20, total_timeout=60), path
+    )
     assert rows["TOTAL"]["points"] == 0
     auto = [e["label"] for e in grade.exercise_spec(chapter) if e["kind"] == "auto"]
-    assert ("ran longer than 60 s" in rows["TOTAL"]["message"]
-            or all("timed out" in rows[label]["message"] or "no result" in rows[label]["message"] for label in auto)), rows
+    assert "ran longer than 60 s" in rows["TOTAL"]["message"] or all(
+        "timed out" in rows[label]["message"] or "no result" in rows[label]["message"]
+        for label in auto
+    ), rows
 
 
 def test_cli_writes_csv(tmp_path):
@@ -230,4 +317,8 @@ def test_student_copy_runs_clean_and_scores_zero(path, tmp_path):
     copy_ = tmp_path / path.name
     rows = grade_files([copy_], tmp_path, cell_timeout=600, total_timeout=1200)
     total = by_exercise(rows, copy_)["TOTAL"]
-    assert total["points"] == 0 and "raised" not in total["message"] and "not graded" not in total["message"], total
+    assert (
+        total["points"] == 0
+        and "raised" not in total["message"]
+        and "not graded" not in total["message"]
+    ), total

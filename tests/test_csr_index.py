@@ -1,10 +1,11 @@
-"""CSR with int32 or int64 indices (utils.measure.to_csr, csr_bytes, csr_index_bytes)."""
+"""CSR with int32 or int64 indices (utils.lab.measure.to_csr, csr_bytes, csr_index_bytes)."""
+
 import io
 
 import pytest
 import torch
 
-from utils.measure import csr_bytes, csr_index_bytes, to_csr
+from utils.lab.measure import csr_bytes, csr_index_bytes, to_csr
 
 
 def small() -> torch.Tensor:
@@ -17,7 +18,9 @@ def small() -> torch.Tensor:
 def test_index_bytes_follow_the_index_dtype(dtype, size):
     csr = to_csr(small(), dtype)
     assert csr.col_indices().dtype == csr.crow_indices().dtype == dtype
-    assert csr_index_bytes(csr) == 2 * size + 4 * size  # one column index per value, rows + 1 pointers
+    assert (
+        csr_index_bytes(csr) == 2 * size + 4 * size
+    )  # one column index per value, rows + 1 pointers
     assert csr_bytes(small(), dtype) == 2 * 4 + csr_index_bytes(csr)
     assert torch.equal(csr.to_dense(), small())
 

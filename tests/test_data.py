@@ -1,13 +1,14 @@
 """load_mnist: the default is a real-MNIST subset (split deterministically and stratified); full
 MNIST on request."""
+
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from utils import data
-from utils.data import load_mnist, online, resolve_source, subset_split
+from utils.lab import data
+from utils.lab.data import load_mnist, online, resolve_source, subset_split
 
 
 def test_subset_is_4000_train_1000_test_stratified_padded_and_fast(capsys, monkeypatch):
@@ -38,9 +39,13 @@ def test_same_seed_same_order():
     assert torch.equal(first[0], first[1])
 
 
-def test_the_subset_is_the_default_even_online_and_full_mnist_is_one_switch_away(monkeypatch, tmp_path):
+def test_the_subset_is_the_default_even_online_and_full_mnist_is_one_switch_away(
+    monkeypatch, tmp_path
+):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
-    monkeypatch.setattr(data, "online", lambda *a, **k: pytest.fail("the default must not look at the network"))
+    monkeypatch.setattr(
+        data, "online", lambda *a, **k: pytest.fail("the default must not look at the network")
+    )
     write_fake_mnist(tmp_path)  # even with full MNIST on disk
     assert resolve_source(root=tmp_path) == "subset"
     monkeypatch.setenv(data.ENV_VAR, "mnist")
@@ -53,6 +58,7 @@ def test_a_full_mnist_request_that_cannot_be_met_says_what_to_do(monkeypatch, tm
 
     def no_network(root, download):
         raise OSError("no route to host")
+
     monkeypatch.setattr(data, "_full_mnist", no_network)
     with pytest.raises(RuntimeError, match=f"unset \\${data.ENV_VAR}"):
         load_mnist(root=tmp_path, verbose=False)
@@ -81,20 +87,27 @@ def test_online_answers_fast_when_nothing_listens():
 def write_fake_mnist(root, n_train=20, n_test=10):
     """Tiny MNIST files in torchvision's raw (idx) format, so the full-MNIST path runs offline."""
     import struct
+
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         labels = (np.arange(n) % 10).astype(np.uint8)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28) + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">iiii", 2051, n, 28, 28) + images.tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">ii", 2049, n) + labels.tobytes()
+        )
     return images, labels
 
 
 def test_full_mnist_path_reads_torchvision_files_from_disk(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
-    monkeypatch.setattr(data, "online", lambda *a, **k: pytest.fail("must not go online when the files are on disk"))
+    monkeypatch.setattr(
+        data, "online", lambda *a, **k: pytest.fail("must not go online when the files are on disk")
+    )
     test_images, test_labels = write_fake_mnist(tmp_path)
     assert resolve_source("auto", tmp_path) == "mnist"
     train, test = load_mnist("auto", batch_size=5, root=tmp_path)

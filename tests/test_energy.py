@@ -1,7 +1,8 @@
 """The energy model adds up as documented; measurement probes say 'no' cleanly where they cannot measure."""
+
 import pytest
 
-from utils import energy
+from utils.lab import energy
 
 
 def test_model_counts_arithmetic_and_weight_reads():
@@ -10,7 +11,9 @@ def test_model_counts_arithmetic_and_weight_reads():
     assert e["weight reads µJ"] == pytest.approx(1e3 * 640 / 1e6)
     on_chip = energy.modelled_energy(macs=1e6, weight_words=1e3, on_chip=True)
     assert on_chip["weight reads µJ"] == pytest.approx(1e3 * 5 / 1e6)
-    assert energy.modelled_energy(0, 10, index_words=10)["total µJ"] == pytest.approx(2 * 10 * 640 / 1e6)
+    assert energy.modelled_energy(0, 10, index_words=10)["total µJ"] == pytest.approx(
+        2 * 10 * 640 / 1e6
+    )
 
 
 def test_dram_is_far_costlier_than_arithmetic():
@@ -22,7 +25,6 @@ def test_probes_answer_without_raising(monkeypatch, tmp_path):
     monkeypatch.setattr(energy, "RAPL", tmp_path / "missing")
     assert energy.rapl_available() is False
     assert energy.measure_cpu_energy(lambda: None, seconds=0.01) is None
-
 
 
 def test_nvml_is_read_when_present_and_refused_cleanly_when_not(monkeypatch):

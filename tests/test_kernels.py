@@ -1,4 +1,5 @@
-"""The compiled loops of utils.kernels: the same results as numpy and as the eager path."""
+"""The compiled loops of utils.pruning.kernels: the same results as numpy and as the eager path."""
+
 import os
 import subprocess
 import sys
@@ -11,9 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import utils.threshold
-from utils import kernels
-from utils.pruning import prune_unstructured
+import utils.pruning.threshold
+from utils.pruning import kernels, prune_unstructured
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 DTYPES = (np.float32, np.float64)
@@ -26,7 +26,9 @@ def values(dtype):
     return st.lists(element, min_size=0, max_size=300).map(lambda v: np.array(v, dtype))
 
 
-bounds = st.one_of(st.sampled_from([-np.inf, -1.0, -0.0, 0.0, 0.5, 1e-30, 3e38, np.inf]), st.floats(-1, 2.5))
+bounds = st.one_of(
+    st.sampled_from([-np.inf, -1.0, -0.0, 0.0, 0.5, 1e-30, 3e38, np.inf]), st.floats(-1, 2.5)
+)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -66,7 +68,11 @@ def test_loops_split_long_arrays_into_blocks_in_order():
 
 
 def test_loops_refuse_what_they_cannot_read():
-    for bad in (np.zeros(4, np.float16), np.zeros((2, 2), np.float32), np.zeros(8, np.float32)[::2]):
+    for bad in (
+        np.zeros(4, np.float16),
+        np.zeros((2, 2), np.float32),
+        np.zeros(8, np.float32)[::2],
+    ):
         with pytest.raises(ValueError, match="1-D contiguous float32 or float64"):
             kernels.band(bad, 0.0, 1.0)
     with pytest.raises(ValueError, match="shape"):
@@ -75,8 +81,14 @@ def test_loops_refuse_what_they_cannot_read():
 
 def mixed_model(seed, dtype, ties, channels_last):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(36, 10, bias=False),
-                          nn.Linear(10, 10), nn.Linear(10, 10)).to(dtype)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.Conv2d(8, 4, 1),
+        nn.Flatten(),
+        nn.Linear(36, 10, bias=False),
+        nn.Linear(10, 10),
+        nn.Linear(10, 10),
+    ).to(dtype)
     if seed % 2:
         model[5].weight = model[4].weight  # a shared tensor, counted once
     return dressed(model, ties, channels_last, levels=3)
@@ -99,15 +111,17 @@ def kernels_everywhere(monkeypatch):
     """Let the compiled loops serve even small models, and count their calls."""
     calls = []
     band = kernels.band
-    monkeypatch.setattr(utils.threshold, "KERNELS_FROM", 0)
     monkeypatch.setattr(kernels, "band", lambda *a: calls.append(a) or band(*a))
-    return calls
+    with utils.pruning.threshold.tuned(kernels_from=0):
+        yield calls
 
 
 def big_model(seed, dtype, ties, channels_last):
-    """Over utils.threshold.SMALL weights (so a sampled bracket) and several blocks per layer."""
+    """Over tuning().small weights (so a sampled bracket) and several blocks per layer."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(7, 389, 7, bias=False), nn.Flatten(), nn.Linear(401, 397)).to(dtype)
+    model = nn.Sequential(nn.Conv2d(7, 389, 7, bias=False), nn.Flatten(), nn.Linear(401, 397)).to(
+        dtype
+    )
     return dressed(model, ties, channels_last, levels=40)
 
 
@@ -122,8 +136,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def assert_both_paths_agree(make, ratio, scope, inplace):
     eager, compiled = make(), make()
     expected = prune_unstructured(eager, ratio, scope, inplace=inplace)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(utils.threshold, "KERNELS_FROM", 0)
+    with utils.pruning.threshold.tuned(kernels_from=0):
         got = prune_unstructured(compiled, ratio, scope, inplace=inplace)
     assert got.keys() == expected.keys()
     for name in got:
@@ -132,23 +145,35 @@ def assert_both_paths_agree(make, ratio, scope, inplace):
         assert same_bits(a, b), name
 
 
-settings_both = dict(seed=st.integers(0, 1000), dtype=st.sampled_from([torch.float32, torch.float64]),
-                     ratio=st.floats(0, 1), scope=st.sampled_from(["global", "local"]), inplace=st.booleans(),
-                     ties=st.booleans(), channels_last=st.booleans())
+settings_both = dict(
+    seed=st.integers(0, 1000),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    ratio=st.floats(0, 1),
+    scope=st.sampled_from(["global", "local"]),
+    inplace=st.booleans(),
+    ties=st.booleans(),
+    channels_last=st.booleans(),
+)
 
 
 @settings(max_examples=40, deadline=None)
 @given(**settings_both)
-def test_the_compiled_path_prunes_exactly_like_the_eager_path(seed, dtype, ratio, scope, inplace, ties,
-                                                              channels_last):
-    assert_both_paths_agree(lambda: mixed_model(seed, dtype, ties, channels_last), ratio, scope, inplace)
+def test_the_compiled_path_prunes_exactly_like_the_eager_path(
+    seed, dtype, ratio, scope, inplace, ties, channels_last
+):
+    assert_both_paths_agree(
+        lambda: mixed_model(seed, dtype, ties, channels_last), ratio, scope, inplace
+    )
 
 
 @settings(max_examples=12, deadline=None)
 @given(**settings_both)
-def test_both_paths_agree_on_models_with_a_sampled_bracket_and_many_blocks(seed, dtype, ratio, scope, inplace,
-                                                                           ties, channels_last):
-    assert_both_paths_agree(lambda: big_model(seed, dtype, ties, channels_last), ratio, scope, inplace)
+def test_both_paths_agree_on_models_with_a_sampled_bracket_and_many_blocks(
+    seed, dtype, ratio, scope, inplace, ties, channels_last
+):
+    assert_both_paths_agree(
+        lambda: big_model(seed, dtype, ties, channels_last), ratio, scope, inplace
+    )
 
 
 def test_both_paths_agree_on_two_parameters_sharing_one_storage():
@@ -159,6 +184,7 @@ def test_both_paths_agree_on_two_parameters_sharing_one_storage():
             model[0].weight.copy_(torch.randint(-2, 3, (8, 8)) / 2)
         model[1].weight = nn.Parameter(model[0].weight.data)  # another Parameter, the same memory
         return model
+
     assert_both_paths_agree(make, 0.5, "global", inplace=True)
 
 
@@ -205,10 +231,10 @@ FORK_AND_THREADS = """
 import os, sys, threading
 import torch
 from torch import nn
-import utils.threshold
-from utils import kernels
+import utils.pruning.threshold
+from utils.pruning import kernels
 from utils.pruning import prune_unstructured
-utils.threshold.KERNELS_FROM = 0
+utils.pruning.threshold.set_tuning(utils.pruning.threshold.Tuning(kernels_from=0))
 torch.set_num_threads(1)
 errors = []
 def job():
@@ -236,18 +262,20 @@ sys.exit(os.waitstatus_to_exitcode(status))
 def test_thread_count_concurrent_calls_and_a_forked_child_after_the_compiled_path_ran(tmp_path):
     script = tmp_path / "fork_and_threads.py"
     script.write_text(FORK_AND_THREADS)
-    env = {**os.environ, "PYTHONPATH": str(Path(utils.threshold.__file__).parents[1])}
-    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(Path(utils.pruning.threshold.__file__).parents[1])}
+    run = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_without_numba_the_eager_path_gives_the_same_result(monkeypatch):
     a, b = mixed_model(3, torch.float32, True, False), mixed_model(3, torch.float32, True, False)
-    monkeypatch.setattr(utils.threshold, "KERNELS_FROM", 0)
-    prune_unstructured(a, 0.6, inplace=True)
-    monkeypatch.setattr(kernels, "numba", None)
-    assert not kernels.available()
-    prune_unstructured(b, 0.6, inplace=True)
+    with utils.pruning.threshold.tuned(kernels_from=0):
+        prune_unstructured(a, 0.6, inplace=True)
+        monkeypatch.setattr(kernels, "numba", None)
+        assert not kernels.available()
+        prune_unstructured(b, 0.6, inplace=True)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
@@ -258,4 +286,6 @@ def test_nan_weights_are_refused_before_the_compiled_path_changes_anything(kerne
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="NaN or infinite"):
         prune_unstructured(model, 0.5, inplace=True)
-    assert all(torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in model.state_dict().items())
+    assert all(
+        torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in model.state_dict().items()
+    )

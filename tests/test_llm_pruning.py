@@ -1,18 +1,33 @@
 """Wanda, SparseGPT, N:M and structured pruning of the LM: formulas, exact counts, same outputs,
 masks in force, and bad calls that change nothing."""
+
 import pytest
 import torch
+from conftest import same_snapshot, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import same_snapshot, snapshot
-from utils.lm import CharLM, train_lm
-from utils.llm_pruning import (InputStats, capture_inputs, default_layers, l2_scores, nm_mask, prune_llm,
-                               prune_magnitude, prune_sparsegpt, prune_units, prune_wanda, reconstruction_error,
-                               rescale_inputs, row_mask, semi_structured_bytes, shrink_lm, sparsegpt_layer,
-                               taylor_scores, wanda_scores)
+from utils.lab.lm import CharLM, train_lm
+from utils.lab.lm_units import l2_scores, prune_units, shrink_lm, taylor_scores
 from utils.pruning import effective_weight
+from utils.pruning.llm import (
+    InputStats,
+    capture_inputs,
+    default_layers,
+    nm_mask,
+    prune_llm,
+    prune_magnitude,
+    prune_sparsegpt,
+    prune_wanda,
+    reconstruction_error,
+    rescale_inputs,
+    row_mask,
+    semi_structured_bytes,
+    sparsegpt_layer,
+    wanda_scores,
+)
+from utils.pruning.masks import mask_of
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16]
@@ -38,16 +53,26 @@ def test_wanda_score_equals_the_formula_on_a_hand_made_case():
     stats.add(torch.tensor([[3.0, 0.0], [4.0, 1.0]]))  # column norms 5 and 1
     assert torch.equal(stats.norms, torch.tensor([5.0, 1.0]))
     assert torch.equal(wanda_scores(w, stats.norms), torch.tensor([[5.0, 2.0], [15.0, 0.5]]))
-    assert torch.equal(row_mask(wanda_scores(w, stats.norms), 0.5), torch.tensor([[True, False], [True, False]]))
-    assert torch.equal(row_mask(w.abs(), 0.5), torch.tensor([[False, True], [True, False]]))  # magnitude differs
+    assert torch.equal(
+        row_mask(wanda_scores(w, stats.norms), 0.5), torch.tensor([[True, False], [True, False]])
+    )
+    assert torch.equal(
+        row_mask(w.abs(), 0.5), torch.tensor([[False, True], [True, False]])
+    )  # magnitude differs
 
 
-@given(rows=st.integers(1, 6), cols=st.integers(1, 20), s=st.floats(0, 0.99), seed=st.integers(0, 99))
+@given(
+    rows=st.integers(1, 6), cols=st.integers(1, 20), s=st.floats(0, 0.99), seed=st.integers(0, 99)
+)
 def test_row_mask_prunes_exactly_per_row_and_ties_go_to_the_earliest(rows, cols, s, seed):
-    scores = torch.randint(0, 3, (rows, cols), generator=torch.Generator().manual_seed(seed)).float()
+    scores = torch.randint(
+        0, 3, (rows, cols), generator=torch.Generator().manual_seed(seed)
+    ).float()
     keep = row_mask(scores, s)
     assert ((~keep).sum(1) == round(s * cols)).all()
-    for r in range(rows):  # every pruned score <= every kept one; among equals, earlier pruned first
+    for r in range(
+        rows
+    ):  # every pruned score <= every kept one; among equals, earlier pruned first
         pruned, kept = scores[r][~keep[r]], scores[r][keep[r]]
         if len(pruned) and len(kept):
             assert pruned.max() <= kept.min()
@@ -55,8 +80,12 @@ def test_row_mask_prunes_exactly_per_row_and_ties_go_to_the_earliest(rows, cols,
             assert (~keep[r])[scores[r] == tie].int().diff().le(0).all()
 
 
-@given(rows=st.integers(1, 5), groups=st.integers(1, 6), n_m=st.sampled_from([(2, 4), (1, 4), (4, 8), (1, 2)]),
-       seed=st.integers(0, 99))
+@given(
+    rows=st.integers(1, 5),
+    groups=st.integers(1, 6),
+    n_m=st.sampled_from([(2, 4), (1, 4), (4, 8), (1, 2)]),
+    seed=st.integers(0, 99),
+)
 def test_nm_masks_keep_exactly_n_of_every_m(rows, groups, n_m, seed):
     n, m = n_m
     scores = torch.rand(rows, groups * m, generator=torch.Generator().manual_seed(seed))
@@ -70,22 +99,57 @@ def test_semi_structured_bytes():
         semi_structured_bytes(4, 6)
 
 
+def test_rescale_inputs_refuses_a_layernorm_without_gain():
+    norm, lin = nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="elementwise_affine"):
+        rescale_inputs(norm, [lin], [1], 2.0)
+
+
 # ----------------------------------------------------------------------------- SparseGPT
-@given(rows=st.integers(2, 12), cols=st.sampled_from([8, 16, 24, 40]), s=st.sampled_from([0.3, 0.5, 0.7]),
-       nm=st.booleans(), seed=st.integers(0, 10_000))
-def test_sparsegpt_reconstructs_better_than_magnitude(rows, cols, s, nm, seed):
+def sparsegpt_and_magnitude(
+    rows: int, cols: int, s: float, nm: bool, seed: int
+) -> tuple[float, float]:
+    """Reconstruction errors of SparseGPT and of magnitude on one random layer, and the checks
+    that both prune the same number per row and that SparseGPT's pruned weights are zero."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     # activations like a network's: features of different scales, mildly correlated. (With
     # isotropic inputs, X^T X ~ I, magnitude is already optimal and nothing can beat it.)
-    mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols ** 0.5
+    mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols**0.5
     x = (torch.randn(4 * cols, cols, generator=g) @ mix) * torch.randn(cols, generator=g).exp()
     stats = InputStats(cols, torch.device("cpu"))
     stats.add(x)
     new, keep = sparsegpt_layer(w, stats, None if nm else s, (2, 4) if nm else None, blocksize=16)
     magnitude = w * (nm_mask(w.abs(), 2, 4) if nm else row_mask(w.abs(), s))
     assert (new[~keep] == 0).all() and torch.equal((~keep).sum(1), (magnitude == 0).sum(1))
-    assert reconstruction_error(w, new, stats.gram) < reconstruction_error(w, magnitude, stats.gram)
+    return reconstruction_error(w, new, stats.gram), reconstruction_error(w, magnitude, stats.gram)
+
+
+@given(
+    rows=st.integers(2, 12),
+    cols=st.sampled_from([8, 16, 24, 40]),
+    s=st.sampled_from([0.3, 0.5, 0.7]),
+    nm=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_sparsegpt_prunes_the_same_counts_and_is_never_far_behind_magnitude(
+    rows, cols, s, nm, seed
+):
+    """Greedy OBS is not optimal, so on a tiny layer it can lose to magnitude by a little
+    (seed 10000, 2 x 8 at 0.3: 0.7 %); a broken update loses by far more."""
+    ours, magnitude = sparsegpt_and_magnitude(rows, cols, s, nm, seed)
+    assert ours <= 1.1 * magnitude
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude_on_nearly_every_layer():
+    pairs = [
+        sparsegpt_and_magnitude(8, cols, s, nm, seed)
+        for seed in range(40)
+        for cols, s, nm in [(16, 0.5, False), (40, 0.7, False), (24, 0.5, True)]
+    ]
+    wins = sum(ours < magnitude for ours, magnitude in pairs)
+    assert wins >= 0.95 * len(pairs)
+    assert sum(o for o, _ in pairs) < 0.8 * sum(m for _, m in pairs)
 
 
 def test_sparsegpt_counts_are_exact_per_row_across_uneven_blocks():
@@ -96,6 +160,27 @@ def test_sparsegpt_counts_are_exact_per_row_across_uneven_blocks():
     for s in (0.3, 0.55, 0.7):
         _, keep = sparsegpt_layer(w, stats, s, blocksize=128)
         assert ((~keep).sum(1) == round(s * 200)).all()
+
+
+def test_sparsegpt_zeroes_weights_on_dead_inputs_and_handles_small_blocks():
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(4, 16, generator=g), torch.randn(64, 16, generator=g)
+    x[:, [2, 9]] = 0  # two inputs that are always zero
+    stats = InputStats(16, torch.device("cpu"))
+    stats.add(x)
+    for kw in ({"sparsity": 0.25}, {"nm": (2, 4), "blocksize": 2}):
+        new, keep = sparsegpt_layer(w, stats, **kw)
+        assert (new[:, [2, 9]] == 0).all() and torch.isfinite(new).all()
+        if "nm" in kw:
+            assert (keep.view(4, -1, 4).sum(-1) == 2).all()
+
+
+def test_sparsegpt_explains_a_hessian_that_is_not_positive_definite():
+    stats = InputStats(4, torch.device("cpu"))
+    stats.gram = -torch.eye(4)
+    stats.count = 1
+    with pytest.raises(ValueError, match="damp"):
+        sparsegpt_layer(torch.randn(2, 4), stats, 0.5)
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -118,7 +203,11 @@ def test_prune_llm_exact_counts_and_masks_in_force(device, dtype, criterion):
                     assert (masks[name].view(mod.out_features, -1, 4).sum(-1) == 2).all()
         assert torch.isfinite(m(calib(2, device)).float()).all()
     train_lm(m, torch.randint(0, 65, (500,)), steps=2, batch_size=4, lr=1e-2, warmup=1)
-    assert all(bool((effective_weight(mod)[~masks[n]] == 0).all()) for n, mod in m.named_modules() if n in masks)
+    assert all(
+        bool((effective_weight(mod)[~masks[n]] == 0).all())
+        for n, mod in m.named_modules()
+        if n in masks
+    )
 
 
 def test_sequential_calibration_and_per_layer_sparsities():
@@ -126,11 +215,15 @@ def test_sequential_calibration_and_per_layer_sparsities():
     plan = {"blocks.0.fc1": 0.25, "blocks.1.attn.q": 0.75}
     masks = prune_wanda(m, calib(), sparsity=plan)
     assert set(masks) == set(plan)
-    assert ((~masks["blocks.0.fc1"]).sum(1) == 8).all() and ((~masks["blocks.1.attn.q"]).sum(1) == 24).all()
+    assert ((~masks["blocks.0.fc1"]).sum(1) == 8).all() and (
+        (~masks["blocks.1.attn.q"]).sum(1) == 24
+    ).all()
     a, b = tiny(), tiny()  # block 1 is calibrated on block 0's pruned outputs
     prune_sparsegpt(a, calib(), 0.6)
-    prune_sparsegpt(b, calib(), 0.6, layers=[n for n in default_layers(b) if n.startswith("blocks.1")])
-    assert not torch.equal(a.blocks[1].fc2.weight_mask, b.blocks[1].fc2.weight_mask)
+    prune_sparsegpt(
+        b, calib(), 0.6, layers=[n for n in default_layers(b) if n.startswith("blocks.1")]
+    )
+    assert not torch.equal(mask_of(a.blocks[1].fc2), mask_of(b.blocks[1].fc2))
 
 
 def test_rescaling_inputs_preserves_the_function_and_fools_magnitude_but_not_wanda():
@@ -148,7 +241,9 @@ def test_rescaling_inputs_preserves_the_function_and_fools_magnitude_but_not_wan
     wanda_after, magnitude_after = prune_wanda(r1, x, 0.5), prune_magnitude(r2, 0.5)
     q = "blocks.0.attn.q"
     assert not magnitude_after[q][:, [3, 7]].any() and magnitude_before[q][:, [3, 7]].any()
-    assert (wanda_after[q] == wanda_before[q]).float().mean() > 0.97  # equal up to rounding of the scores
+    assert (
+        wanda_after[q] == wanda_before[q]
+    ).float().mean() > 0.97  # equal up to rounding of the scores
 
 
 BAD_CALLS = [
@@ -160,8 +255,18 @@ BAD_CALLS = [
     ({"nm": (2, 3), "criterion": "magnitude"}, "multiple"),
     ({"sparsity": 0.5, "criterion": "magnitude", "layers": ["tok"]}, "tok"),
     ({"sparsity": 0.5, "criterion": "magnitude", "layers": ["nope"]}, "unknown"),
-    ({"sparsity": 0.5, "criterion": "sparsegpt", "calibration": torch.zeros(2, 40, dtype=torch.long)}, "context"),
-    ({"sparsity": {"blocks.0.fc1": 0.5}, "criterion": "magnitude", "layers": ["blocks.0.fc1"]}, "dict"),
+    (
+        {
+            "sparsity": 0.5,
+            "criterion": "sparsegpt",
+            "calibration": torch.zeros(2, 40, dtype=torch.long),
+        },
+        "context",
+    ),
+    (
+        {"sparsity": {"blocks.0.fc1": 0.5}, "criterion": "magnitude", "layers": ["blocks.0.fc1"]},
+        "dict",
+    ),
 ]
 
 
@@ -188,6 +293,16 @@ def test_already_pruned_or_nan_layers_are_refused():
         prune_sparsegpt(m, calib(), 0.5)
 
 
+def test_sparsity_plan_check_rejects_the_uniform_plan_and_bools():
+    from utils.kit.checks_llm import check_sparsity_plan
+
+    m = tiny()
+    cal = [calib(4).roll(i, 1) for i in range(3)]
+    names = default_layers(m)
+    assert check_sparsity_plan(lambda model, t: {n: t for n in names}, m, cal).passed < 3
+    assert check_sparsity_plan(lambda model, t: {n: True for n in names}, m, cal).passed == 0
+
+
 # ----------------------------------------------------------------------------- heads and neurons
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -197,10 +312,14 @@ def test_shrunk_model_has_fewer_units_and_the_same_outputs_as_the_masked_one(dev
     scores = l2_scores(m) if method == "l2" else taylor_scores(m, x[:, :-1], x[:, 1:])
     assert all(p.grad is None for p in m.parameters())
     keep = prune_units(m, 0.5, 0.75, scores)
-    assert [int(k.sum()) for k in keep["heads"]] == [2, 2] and [int(k.sum()) for k in keep["neurons"]] == [16, 16]
+    assert [int(k.sum()) for k in keep["heads"]] == [2, 2] and [
+        int(k.sum()) for k in keep["neurons"]
+    ] == [16, 16]
     small = shrink_lm(m)
     assert small.config()["n_heads"] == [2, 2] and small.config()["d_ff"] == [16, 16]
-    assert next(small.parameters()).dtype == dtype and next(small.parameters()).device.type == device
+    assert (
+        next(small.parameters()).dtype == dtype and next(small.parameters()).device.type == device
+    )
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in tiny().parameters())
     with torch.no_grad():
         tol = 1e-4 if dtype == torch.float32 else 0.1
@@ -232,8 +351,8 @@ def test_capture_inputs_counts_every_token():
 
 
 def test_checks_accept_the_library_and_reject_an_empty_stub():
-    from utils.checks_llm import check_semi_structured_bytes, check_wanda_score
-    from utils.llm_pruning import wanda_scores as lib
+    from utils.kit.checks_llm import check_semi_structured_bytes, check_wanda_score
+    from utils.pruning.llm import wanda_scores as lib
 
     def wanda(weight, inputs):
         return weight.abs() * inputs.reshape(-1, inputs.shape[-1]).pow(2).sum(0).sqrt()
@@ -245,7 +364,9 @@ def test_checks_accept_the_library_and_reject_an_empty_stub():
     assert check_wanda_score(via_library).passed == 0  # calling the book's function is blocked
     assert check_semi_structured_bytes(lambda r, c, b: r * c // 2 * (b + 2) // 8)
     assert check_semi_structured_bytes(semi_structured_bytes).passed == 0
-    assert torch.equal(lib(torch.ones(1, 2), torch.ones(2)), torch.ones(1, 2))  # restored afterwards
+    assert torch.equal(
+        lib(torch.ones(1, 2), torch.ones(2)), torch.ones(1, 2)
+    )  # restored afterwards
     assert check_wanda_score(lambda w, x: None).passed == 0
     # wrong formulas fail: magnitude alone, and the squared norm
     assert not check_wanda_score(lambda w, x: w.abs())
@@ -254,7 +375,7 @@ def test_checks_accept_the_library_and_reject_an_empty_stub():
 
 
 def test_wanda_check_blocks_the_library_input_norms():
-    from utils.checks_llm import check_wanda_score
+    from utils.kit.checks_llm import check_wanda_score
 
     def via_stats(weight, inputs):
         stats = InputStats(inputs.shape[-1], torch.device("cpu"))
@@ -262,40 +383,3 @@ def test_wanda_check_blocks_the_library_input_norms():
         return weight.abs() * stats.norms
 
     assert check_wanda_score(via_stats).passed == 0
-
-
-# ----------------------------------------------------------------------------- review fixes
-def test_sparsegpt_zeroes_weights_on_dead_inputs_and_handles_small_blocks():
-    g = torch.Generator().manual_seed(3)
-    w, x = torch.randn(4, 16, generator=g), torch.randn(64, 16, generator=g)
-    x[:, [2, 9]] = 0  # two inputs that are always zero
-    stats = InputStats(16, torch.device("cpu"))
-    stats.add(x)
-    for kw in ({"sparsity": 0.25}, {"nm": (2, 4), "blocksize": 2}):
-        new, keep = sparsegpt_layer(w, stats, **kw)
-        assert (new[:, [2, 9]] == 0).all() and torch.isfinite(new).all()
-        if "nm" in kw:
-            assert (keep.view(4, -1, 4).sum(-1) == 2).all()
-
-
-def test_sparsegpt_explains_a_hessian_that_is_not_positive_definite():
-    stats = InputStats(4, torch.device("cpu"))
-    stats.gram = -torch.eye(4)
-    stats.count = 1
-    with pytest.raises(ValueError, match="damp"):
-        sparsegpt_layer(torch.randn(2, 4), stats, 0.5)
-
-
-def test_rescale_inputs_refuses_a_layernorm_without_gain():
-    norm, lin = nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 4)
-    with pytest.raises(ValueError, match="elementwise_affine"):
-        rescale_inputs(norm, [lin], [1], 2.0)
-
-
-def test_sparsity_plan_check_rejects_the_uniform_plan_and_bools():
-    from utils.checks_llm import check_sparsity_plan
-    m = tiny()
-    cal = [calib(4).roll(i, 1) for i in range(3)]
-    names = default_layers(m)
-    assert check_sparsity_plan(lambda model, t: {n: t for n in names}, m, cal).passed < 3
-    assert check_sparsity_plan(lambda model, t: {n: True for n in names}, m, cal).passed == 0

@@ -1,10 +1,20 @@
 """The character-level LM: shipped text, deterministic split, model, training, perplexity."""
+
 import math
 
 import pytest
 import torch
 
-from utils.lm import CharLM, char_data, eval_windows, generate, load_text, perplexity, random_windows, train_lm
+from utils.lab.lm import (
+    CharLM,
+    char_data,
+    eval_windows,
+    generate,
+    load_text,
+    perplexity,
+    random_windows,
+    train_lm,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -16,7 +26,9 @@ def data():
 
 def tiny(vocab=65, **kw):
     torch.manual_seed(0)
-    return CharLM(vocab, **({"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "context": 16} | kw))
+    return CharLM(
+        vocab, **({"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "context": 16} | kw)
+    )
 
 
 def test_the_text_ships_with_the_package_and_splits_the_same_way_every_time(data):

@@ -1,10 +1,12 @@
 """Models have the documented shapes; counters are exact."""
+
 import torch
 from torch import nn
 
-from utils.measure import count_flops, count_params, file_sizes, latency, saved_bytes
-from utils.models import VGG, LeNet5, LeNet300100
+from utils.lab.measure import count_flops, count_params, file_sizes, latency, saved_bytes
+from utils.lab.models import VGG, LeNet5, LeNet300100
 from utils.pruning import make_permanent, prune_unstructured
+from utils.pruning.masks import stored
 
 
 def test_model_shapes_and_sizes():
@@ -23,7 +25,9 @@ def test_flops_are_twice_the_macs_of_lenet5():
 def test_nonzero_params_and_bytes():
     model = LeNet5()
     prune_unstructured(model, 0.5)
-    weights = sum(m.weight_orig.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    weights = sum(
+        stored(m).numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    )
     biases = sum(m.bias.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert count_params(model, nonzero=True) == weights // 2 + biases
     assert len(saved_bytes(LeNet5().state_dict())) > 4 * 61_706
@@ -36,18 +40,21 @@ def test_latency_returns_a_positive_median_per_model():
     assert set(lat) == {"a", "b"} and all(v > 0 for v in lat.values())
 
 
-
-
 def test_layer_macs_add_up_to_the_flop_counter():
-    from utils.measure import layer_macs
-    for model, x in [(LeNet5(), torch.randn(1, 1, 32, 32)), (VGG(width=0.25), torch.randn(2, 3, 32, 32))]:
+    from utils.lab.measure import layer_macs
+
+    for model, x in [
+        (LeNet5(), torch.randn(1, 1, 32, 32)),
+        (VGG(width=0.25), torch.randn(2, 3, 32, 32)),
+    ]:
         macs = layer_macs(model, x)
         assert 2 * sum(macs.values()) == count_flops(model, x)
     assert layer_macs(LeNet5(), torch.randn(1, 1, 32, 32))["conv1"] == 6 * 28 * 28 * 25
 
 
 def test_csr_bytes_counts_values_indices_and_row_pointers(recwarn):
-    from utils.measure import csr_bytes
+    from utils.lab.measure import csr_bytes
+
     w = torch.zeros(3, 4)
     w[0, 1], w[2, 3] = 1.0, 2.0
     assert csr_bytes(w) == 2 * 4 + 2 * 8 + 4 * 8
@@ -55,18 +62,24 @@ def test_csr_bytes_counts_values_indices_and_row_pointers(recwarn):
 
 
 def test_count_weights_and_effective_macs():
-    from utils.measure import count_weights, effective_macs, layer_macs
+    from utils.lab.measure import count_weights, effective_macs, layer_macs
+
     model = LeNet5()
     x = torch.randn(1, 1, 32, 32)
     assert count_weights(model) == 61_470 and count_weights(model, nonzero=True) == 61_470
     assert effective_macs(model, x) == sum(layer_macs(model, x).values())
     prune_unstructured(model, 0.5, scope="local")
-    assert count_weights(model) == 61_470 and abs(count_weights(model, nonzero=True) - 61_470 / 2) <= 3
+    assert (
+        count_weights(model) == 61_470 and abs(count_weights(model, nonzero=True) - 61_470 / 2) <= 3
+    )
     assert abs(effective_macs(model, x) - sum(layer_macs(model, x).values()) / 2) < 10
 
 
 def test_median_times_runs_every_candidate_interleaved():
-    from utils.measure import median_times
+    from utils.lab.measure import median_times
+
     calls = []
-    t = median_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    t = median_times(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1
+    )
     assert set(t) == {"a", "b"} and calls == ["a", "b"] + ["a", "b"] * 3

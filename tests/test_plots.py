@@ -1,14 +1,20 @@
-"""utils.plots: the figures draw what they are given, error bars included."""
+"""utils.kit.plots: the figures draw what they are given, error bars included."""
+
 import matplotlib
 
 matplotlib.use("Agg")
 
-from utils import plots  # noqa: E402
+from utils.kit import plots  # noqa: E402
 
 
 def test_curves_draw_error_bars_for_the_series_that_have_them():
-    fig = plots.curves([1, 2, 3], {"a": [0.9, 0.8, 0.7], "b": [0.5, 0.6, 0.7]}, "x", "y",
-                       errors={"a": [0.01, 0.02, 0.03]})
+    fig = plots.curves(
+        [1, 2, 3],
+        {"a": [0.9, 0.8, 0.7], "b": [0.5, 0.6, 0.7]},
+        "x",
+        "y",
+        errors={"a": [0.01, 0.02, 0.03]},
+    )
     ax = fig.axes[0]
     assert len(ax.containers) == 1  # one errorbar container, for "a" only
     assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["a", "b"]

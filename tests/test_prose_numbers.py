@@ -13,6 +13,7 @@ piece of the page's text that contains the number, and the reason says why the p
 A measured result belongs in a cell's output, with an assert guarding what the text says of it.
 Entries that no longer match anything fail too, so the list stays honest.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from utils.book import ROOT
+from bookconf import ROOT
 
 ALLOW = Path(__file__).parent / "prose_numbers"
 REASONS = {"cited", "setting", "definition", "exercise"}
@@ -30,7 +30,7 @@ NUMBER = re.compile(
 )
 PAGES = sorted((ROOT / "chapters").glob("*.ipynb")) + [
     ROOT / "book" / n for n in ("intro.md", "glossary.md", "instructors.md")
-]  # not README.md: its benchmark table is a dated report of `python -m utils.benchmark`
+]  # not README.md: its benchmark table is a dated report of `python -m utils.kit.benchmark`
 
 
 def prose(path: Path) -> str:
@@ -42,7 +42,9 @@ def prose(path: Path) -> str:
     else:
         cells = json.loads(path.read_text())["cells"]
         text = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    text = re.sub(r"\{term\}`([^`<]*?)\s*(?:<[^`>]*>)?`", r"\1", text)  # a glossary link reads as its word
+    text = re.sub(
+        r"\{term\}`([^`<]*?)\s*(?:<[^`>]*>)?`", r"\1", text
+    )  # a glossary link reads as its word
     return re.sub(r"\s+", " ", text)
 
 
@@ -62,7 +64,9 @@ def typed_numbers(text: str, entries: list[tuple[str, str]]) -> list[str]:
     """The numbers in ``text`` that no allow-list snippet covers, each with some context."""
     covered = []
     for _, snippet in entries:
-        covered += [(m.start(), m.start() + len(snippet)) for m in re.finditer(re.escape(snippet), text)]
+        covered += [
+            (m.start(), m.start() + len(snippet)) for m in re.finditer(re.escape(snippet), text)
+        ]
     return [
         text[max(0, m.start() - 60) : m.end() + 20]
         for m in NUMBER.finditer(text)
@@ -87,5 +91,8 @@ def test_prose_types_no_computed_number(path: Path):
 def test_the_rule_catches_a_typed_result():
     text = "Global pruning keeps 97.3 % accuracy, 2.5 points above local, and runs 12x faster."
     assert len(typed_numbers(text, [])) == 3
-    assert typed_numbers(text, [("cited", "97.3 % accuracy, 2.5 points"), ("cited", "12x faster")]) == []
+    assert (
+        typed_numbers(text, [("cited", "97.3 % accuracy, 2.5 points"), ("cited", "12x faster")])
+        == []
+    )
     assert typed_numbers("a 5 x 5 block and 25 x 16 values", []) == []

@@ -1,16 +1,18 @@
 """Equation 3.2, fixed: whole units by L_p norm, exact counts, silenced bias and BatchNorm."""
+
 import copy
 
 import pytest
 import torch
+from conftest import same_snapshot, snapshot, take_steps
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from conftest import same_snapshot, snapshot, take_steps
-from utils.models import VGG, LeNet5
+from utils.lab.models import VGG, LeNet5
 from utils.pruning import effective_weight, prune_structured, prune_unstructured, unit_norms
+from utils.pruning.masks import mask_of, stored
 
 HIDDEN = ["conv1", "conv2", "fc1", "fc2"]
 
@@ -20,7 +22,11 @@ def dead_units(module):
     return (w.reshape(w.shape[0], -1) == 0).all(dim=1)
 
 
-@given(ratio=st.floats(0, 1), seed=st.integers(0, 1000), p=st.sampled_from([1.0, 2.0, 3.0, float("inf")]))
+@given(
+    ratio=st.floats(0, 1),
+    seed=st.integers(0, 1000),
+    p=st.sampled_from([1.0, 2.0, 3.0, float("inf")]),
+)
 def test_local_removes_exactly_round_ratio_units_per_layer_never_all(ratio, seed, p):
     torch.manual_seed(seed)
     model = LeNet5()
@@ -28,10 +34,10 @@ def test_local_removes_exactly_round_ratio_units_per_layer_never_all(ratio, seed
     assert list(masks) == HIDDEN  # the classifier fc3 is skipped by default
     for name in HIDDEN:
         m = getattr(model, name)
-        units = m.weight_orig.shape[0]
+        units = stored(m).shape[0]
         assert int(dead_units(m).sum()) == min(round(ratio * units), units - 1)
         # removed units have smaller norms than kept ones (ties aside)
-        norms = torch.linalg.vector_norm(m.weight_orig.detach().reshape(units, -1), ord=p, dim=1)
+        norms = torch.linalg.vector_norm(stored(m).detach().reshape(units, -1), ord=p, dim=1)
         gone = dead_units(m)
         if gone.any() and (~gone).any():
             assert norms[gone].max() <= norms[~gone].min()
@@ -42,7 +48,7 @@ def test_global_removes_exactly_round_ratio_units_overall(ratio, seed):
     torch.manual_seed(seed)
     model = LeNet5()
     prune_structured(model, ratio, scope="global")
-    units = [getattr(model, n).weight_orig.shape[0] for n in HIDDEN]
+    units = [stored(getattr(model, n)).shape[0] for n in HIDDEN]
     dead = [int(dead_units(getattr(model, n)).sum()) for n in HIDDEN]
     assert sum(dead) == min(round(ratio * sum(units)), sum(units) - len(units))
     assert all(d < u for d, u in zip(dead, units))
@@ -76,7 +82,12 @@ def test_removed_units_output_exactly_zero_bias_and_batchnorm_included():
     for m in model.modules():  # non-trivial BatchNorm parameters and statistics
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
-                m.weight.normal_(), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+                (
+                    m.weight.normal_(),
+                    m.bias.normal_(),
+                    m.running_mean.normal_(),
+                    m.running_var.uniform_(0.5, 2),
+                )
     prune_structured(model, 0.5)
     conv, bn = model.features[0], model.features[1]
     seen = {}
@@ -89,14 +100,20 @@ def test_removed_units_output_exactly_zero_bias_and_batchnorm_included():
     lenet = LeNet5()
     prune_structured(lenet, 0.5)
     out = lenet.fc1(torch.randn(5, 400))
-    assert (out[:, dead_units(lenet.fc1)] == 0).all() and (out[:, ~dead_units(lenet.fc1)] != 0).any()
+    assert (out[:, dead_units(lenet.fc1)] == 0).all() and (
+        out[:, ~dead_units(lenet.fc1)] != 0
+    ).any()
 
 
 def test_masks_stay_in_force_during_training_with_batchnorm():
     torch.manual_seed(0)
     model = VGG(width=0.125)
     prune_structured(model, 0.5, scope="global")
-    gone = {n: dead_units(m) for n, m in model.named_modules() if hasattr(m, "weight_mask") and m.weight.dim() > 1}
+    gone = {
+        n: dead_units(m)
+        for n, m in model.named_modules()
+        if (mask_of(m) is not None) and m.weight.dim() > 1
+    }
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     take_steps(model, opt, x, y, 3)
@@ -123,12 +140,18 @@ def test_unit_norms_are_rows_not_columns():
     assert torch.allclose(unit_norms(layer, 2), torch.tensor([5.0, 1.0, 1.0]))
 
 
-@pytest.mark.parametrize("kwargs,error,words", [
-    (dict(ratio=0.5, p=0), ValueError, "p must be > 0"), (dict(ratio=0.5, p=-1), ValueError, "p must"),
-    (dict(ratio=0.5, p=float("nan")), ValueError, "p must"), (dict(ratio=0.5, p="2"), TypeError, "p must"),
-    (dict(ratio=2.0), ValueError, "ratio"), (dict(ratio=0.5, scope="all"), ValueError, "scope"),
-    (dict(ratio=0.5, layers=["nope"]), ValueError, "unknown layer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(ratio=0.5, p=0), ValueError, "p must be > 0"),
+        (dict(ratio=0.5, p=-1), ValueError, "p must"),
+        (dict(ratio=0.5, p=float("nan")), ValueError, "p must"),
+        (dict(ratio=0.5, p="2"), TypeError, "p must"),
+        (dict(ratio=2.0), ValueError, "ratio"),
+        (dict(ratio=0.5, scope="all"), ValueError, "scope"),
+        (dict(ratio=0.5, layers=["nope"]), ValueError, "unknown layer"),
+    ],
+)
 def test_bad_input_raises_and_leaves_the_model_unchanged(kwargs, error, words):
     model = VGG(width=0.125)
     prune_structured(model, 0.25)
@@ -150,21 +173,34 @@ def test_falling_ratio_and_classifier_only_models_raise():
     assert set(prune_structured(nn.Linear(4, 2), 0.5, layers=[""])) == {""}
 
 
-@given(rows=st.integers(1, 6), groups=st.integers(1, 5), seed=st.integers(0, 1000), ints=st.booleans())
+@given(
+    rows=st.integers(1, 6), groups=st.integers(1, 5), seed=st.integers(0, 1000), ints=st.booleans()
+)
 def test_semi_structured_mask_keeps_the_two_largest_of_every_four(rows, groups, seed, ints):
     from utils.pruning import semi_structured_mask
+
     g = torch.Generator().manual_seed(seed)
-    w = torch.randint(-2, 3, (rows, 4 * groups), generator=g).float() if ints else torch.randn(rows, 4 * groups, generator=g)
+    w = (
+        torch.randint(-2, 3, (rows, 4 * groups), generator=g).float()
+        if ints
+        else torch.randn(rows, 4 * groups, generator=g)
+    )
     mask = semi_structured_mask(w)
     blocks, kept = w.abs().reshape(-1, 4), mask.reshape(-1, 4)
     assert (kept.sum(dim=1) == 2).all()
-    assert (blocks.masked_fill(~kept, float("inf")).min(dim=1).values >= blocks.masked_fill(kept, -1).max(dim=1).values).all()
+    assert (
+        blocks.masked_fill(~kept, float("inf")).min(dim=1).values
+        >= blocks.masked_fill(kept, -1).max(dim=1).values
+    ).all()
 
 
 def test_semi_structured_mask_rejects_bad_shapes():
     from utils.pruning import semi_structured_mask
+
     with pytest.raises(ValueError, match="multiple of m=4"):
         semi_structured_mask(torch.randn(3, 6))
     with pytest.raises(ValueError, match="0 < n <= m"):
         semi_structured_mask(torch.randn(3, 8), n=5, m=4)
-    assert semi_structured_mask(torch.tensor([[1.0, 1.0, 1.0, 1.0]])).tolist() == [[True, True, False, False]]
+    assert semi_structured_mask(torch.tensor([[1.0, 1.0, 1.0, 1.0]])).tolist() == [
+        [True, True, False, False]
+    ]

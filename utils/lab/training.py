@@ -3,6 +3,7 @@
 A chapter picks its device once (``device = pick_device()``) and passes it to :func:`train`;
 the loops move each batch to the model's device and dtype, so the same code runs on either.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,11 @@ def quiet() -> bool:
 def pick_device(prefer: str | None = None) -> torch.device:
     """``cuda`` when a CUDA GPU is present, else ``cpu``; ``prefer`` (or ``$PRUNING_BOOK_DEVICE``)
     forces one, for example ``"cpu"`` to reproduce the site's numbers on a GPU runtime."""
-    choice = prefer or os.environ.get("PRUNING_BOOK_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    choice = (
+        prefer
+        or os.environ.get("PRUNING_BOOK_DEVICE")
+        or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     device = torch.device(choice)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {choice!r} was asked for, but torch sees no CUDA GPU")
@@ -47,7 +52,9 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def _to(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    return x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None)
+    return x.to(
+        device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None
+    )
 
 
 class _On:
@@ -75,32 +82,65 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def train(model: nn.Module, train_loader: DataLoader, epochs: int = 1, lr: float = 0.01,
-          momentum: float = 0.9, weight_decay: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
-          device: torch.device | str | None = None, progress: bool | None = None,
-          desc: str = "train", on_step: Callable[[int], None] | None = None) -> list[float]:
+def train(
+    model: nn.Module,
+    train_loader: DataLoader,
+    epochs: int = 1,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    desc: str = "train",
+    on_step: Callable[[int], None] | None = None,
+) -> list[float]:
     """Train with cross-entropy; SGD with momentum unless an ``optimizer`` is given.
 
     The loop runs on the model's device, batches moved there (and cast to its floating dtype).
     ``device="cuda"`` runs it on that device instead and puts the model back where it was
     afterwards, so the rest of a chapter keeps working with CPU tensors. Pruning masks installed by
     :mod:`utils.pruning` stay in force: the forward pass multiplies by them, so pruned weights get
-    no gradient and stay zero whatever the optimizer does to the hidden ``weight_orig``.
+    no gradient and stay zero whatever the optimizer does to the stored original (``utils.pruning.masks``).
     ``on_step(step)`` is called after every optimizer step (steps count from 1), for example to
     prune gradually. Returns the mean loss of each epoch.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
     with _On(model, device) as device:
-        return _train_loop(model, train_loader, epochs, lr, momentum, weight_decay, optimizer, device,
-                           progress, desc, on_step)
+        return _train_loop(
+            model,
+            train_loader,
+            epochs,
+            lr,
+            momentum,
+            weight_decay,
+            optimizer,
+            device,
+            progress,
+            desc,
+            on_step,
+        )
 
 
-def _train_loop(model, train_loader, epochs, lr, momentum, weight_decay, optimizer, device, progress,
-                desc, on_step) -> list[float]:
+def _train_loop(
+    model,
+    train_loader,
+    epochs,
+    lr,
+    momentum,
+    weight_decay,
+    optimizer,
+    device,
+    progress,
+    desc,
+    on_step,
+) -> list[float]:
     model.train()
     dtype = _float_dtype(model)
-    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = optimizer or torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
     loss_fn = nn.CrossEntropyLoss()
     show = (not quiet()) if progress is None else progress
     history, step = [], 0
@@ -124,7 +164,9 @@ def _train_loop(model, train_loader, epochs, lr, momentum, weight_decay, optimiz
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str | None = None) -> float:
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device | str | None = None
+) -> float:
     """Top-1 accuracy on ``loader`` as a fraction in [0, 1], on the model's device unless
     ``device`` says otherwise (then the model goes back where it was afterwards)."""
     model.eval()

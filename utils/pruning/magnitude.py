@@ -1,13 +1,13 @@
-"""Magnitude pruning, equations 3.1 (unstructured) and 3.2 (structured) of the seed, fixed.
+"""Magnitude pruning, equations 3.1 (unstructured) and 3.2 (structured) of the source, fixed.
 
-Masks are kept with the reparametrization of :mod:`torch.nn.utils.prune`
-(``weight = weight_orig * weight_mask``, recomputed by a forward pre-hook), so an
-optimizer can never revive a pruned weight; ``inplace=True`` instead zeroes the weights
-themselves (one-shot pruning of large models, no mask kept). Every public function
+Masks are torch parametrizations (:mod:`utils.pruning.masks`: ``weight = original * mask``
+on every read), so an optimizer can never revive a pruned weight; ``inplace=True`` instead
+zeroes the weights themselves (one-shot pruning of large models, no mask kept). Every public function
 validates its arguments and computes its whole plan *before* it touches the model: a bad
 call raises and leaves the model exactly as it was. Everything runs on the model's own
 device and dtype.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,26 +18,38 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.utils.parametrize  # noqa: F401  (is_parametrized)
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.conv import _ConvTransposeNd
 from torch.nn.utils import prune as torch_prune
 
-from utils.graph import following_batchnorms, output_layers
-from utils.threshold import (Buffers, Source, Threshold, chunks, count_ones, keep, kth_smallest, ties_in,
-                             use_kernels)
+from utils.pruning import masks
+from utils.pruning.graph import LAYERS, following_batchnorms, output_layers, unit_axis
+from utils.pruning.threshold import (
+    Buffers,
+    Source,
+    Threshold,
+    chunks,
+    count_ones,
+    kept_by,
+    kth_smallest,
+    ties_in,
+    use_kernels,
+)
 
-PRUNABLE = (nn.Linear, _ConvNd)  # Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d
 SCOPES = ("global", "local")
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_ratio(ratio: float) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
-        raise TypeError(f"ratio must be a number in [0, 1], got {type(ratio).__name__} {ratio!r}")
-    r = float(ratio)
-    if math.isnan(r) or not 0.0 <= r <= 1.0:
-        raise ValueError(f"ratio must be in [0, 1] (the share of weights set to zero), got {ratio!r}")
+def check_share(value: object, what: str = "ratio", one: bool = True) -> float:
+    """``value`` as a float share in [0, 1] (or [0, 1) with ``one=False``), else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number in [0, 1], got {type(value).__name__} {value!r}")
+    r = float(value)
+    if math.isnan(r) or not (0.0 <= r <= 1.0 if one else 0.0 <= r < 1.0):
+        raise ValueError(
+            f"{what} must be in [0, {'1]' if one else '1)'} (the share of weights set to "
+            f"zero), got {value!r}"
+        )
     return r
 
 
@@ -47,12 +59,14 @@ def _check_scope(scope: str) -> str:
     return scope
 
 
-def select_layers(model: nn.Module, layers: Iterable[str] | str | None = None) -> dict[str, nn.Module]:
+def select_layers(
+    model: nn.Module, layers: Iterable[str] | str | None = None
+) -> dict[str, nn.Module]:
     """The Linear and convolution modules to prune, by name: all of them, or the named ones (checked)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
-    prunable = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]
+    prunable = [n for n, m in modules.items() if isinstance(m, LAYERS)]
     if not prunable:
         raise ValueError("the model has no Linear or convolution layer to prune")
     if layers is None:
@@ -63,34 +77,30 @@ def select_layers(model: nn.Module, layers: Iterable[str] | str | None = None) -
             raise TypeError(f"layers must be module names (str), got {type(n).__name__} {n!r}")
         if n not in modules:
             raise ValueError(f"unknown layer {n!r}; prunable layers are {prunable}")
-        if not isinstance(modules[n], PRUNABLE):
-            raise ValueError(f"layer {n!r} is a {type(modules[n]).__name__}; only Linear and convolution "
-                             "layers are pruned")
+        if not isinstance(modules[n], LAYERS):
+            raise ValueError(
+                f"layer {n!r} is a {masks.base_class(modules[n]).__name__}; only Linear and convolution "
+                "layers are pruned"
+            )
     if not names:
         raise ValueError("layers is empty: name at least one Linear or convolution layer")
     return {n: modules[n] for n in dict.fromkeys(names)}
 
 
 def weight_and_mask(module: nn.Module, name: str = "weight") -> tuple[Tensor, Tensor | None]:
-    """The current (unmasked) tensor and its mask, or ``None`` if it was never pruned."""
-    if hasattr(module, name + "_orig"):
-        return getattr(module, name + "_orig").detach(), getattr(module, name + "_mask")
-    return getattr(module, name).detach(), None
+    """The stored (unmasked) tensor and its mask, or ``None`` if it was never pruned."""
+    return masks.stored(module, name).detach(), masks.mask_of(module, name)
 
 
 def effective_weight(module: nn.Module, name: str = "weight") -> Tensor:
-    """What the layer computes with: ``orig * mask``; never a stale ``module.weight``."""
-    w, mask = weight_and_mask(module, name)
-    return w if mask is None else w * mask
-
-
-def _raw_weight(module: nn.Module) -> nn.Parameter:
-    return module._parameters.get("weight_orig", module._parameters.get("weight"))
+    """What the layer computes with: ``original * mask`` where it is masked (detached)."""
+    return masks.effective(module, name)
 
 
 @dataclass
-class _Tensor:
+class WeightGroup:
     """One weight tensor to prune and the layers that use it (several when weights are tied)."""
+
     names: list[str]
     modules: list[nn.Module]
 
@@ -103,34 +113,46 @@ class _Tensor:
         return weight_and_mask(self.modules[0])[1]
 
 
-def weight_tensors(model: nn.Module, selected: dict[str, nn.Module], inplace: bool = False) -> list[_Tensor]:
+def weight_tensors(
+    model: nn.Module, selected: dict[str, nn.Module], check_shared: bool = True
+) -> list[WeightGroup]:
     """The distinct weight tensors of ``selected``: a tensor shared by several layers counts once.
 
-    A mask on a tensor that a layer outside the selection also reads would leave that layer
-    unmasked, so that is refused (``inplace=True`` zeroes the shared tensor for all users).
+    With ``check_shared`` (before masking), a tensor that a layer outside the selection also reads
+    is refused: a mask would leave that layer unmasked. Zeroing in place, or only reading, is
+    fine.
     """
-    groups: dict[int, _Tensor] = {}
+    groups: dict[int, WeightGroup] = {}
     for name, m in selected.items():
-        key = id(_raw_weight(m)) if _raw_weight(m) is not None else id(m)
-        groups.setdefault(key, _Tensor([], [])).names.append(name)
+        key = id(masks.stored(m)) if masks.stored(m) is not None else id(m)
+        groups.setdefault(key, WeightGroup([], [])).names.append(name)
         groups[key].modules.append(m)
-    if not inplace:
-        for owner, m in model.named_modules():
-            for attr, p in m._parameters.items():
-                g = groups.get(id(p))
-                if g is not None and owner not in g.names:
-                    raise ValueError(f"the weight of {g.names[0]!r} is shared with {owner}.{attr}, which is not "
-                                     "pruned: a mask would leave it unmasked; select it too, untie the weights, "
-                                     "or use inplace=True")
+    if check_shared:
+        for owner, _, attr, p in masks.own_tensors(model):
+            g = groups.get(id(p))
+            if g is not None and owner not in g.names:
+                raise ValueError(
+                    f"the weight of {g.names[0]!r} is shared with {owner}.{attr}, which is not "
+                    "pruned: a mask would leave it unmasked; select it too, untie the weights, "
+                    "or use inplace=True"
+                )
     return list(groups.values())
 
 
 def _refuse_computed_weights(selected: dict[str, nn.Module]) -> None:
-    """A weight computed from other tensors (weight_norm, a parametrization) cannot take a mask."""
+    """A weight computed from other tensors (weight_norm, a parametrization other than our mask,
+    torch.nn.utils.prune's hook) cannot take a mask."""
     for name, m in selected.items():
-        if _raw_weight(m) is None or torch.nn.utils.parametrize.is_parametrized(m):
-            raise ValueError(f"the weight of {name!r} is computed (weight_norm, spectral_norm or a "
-                             "parametrization), not a Parameter of its own: remove that first")
+        if torch_prune.is_pruned(m):
+            raise ValueError(
+                f"{name!r} was pruned with torch.nn.utils.prune: call "
+                "torch.nn.utils.prune.remove on it first"
+            )
+        if not isinstance(masks.stored(m), nn.Parameter) or masks.has_foreign_parametrization(m):
+            raise ValueError(
+                f"the weight of {name!r} is computed (weight_norm, spectral_norm or a "
+                "parametrization), not a Parameter of its own: remove that first"
+            )
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -139,22 +161,24 @@ def _flat(t: Tensor) -> Tensor:
         return t.view(-1)
     permuted = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
     if not permuted.is_contiguous():
-        raise ValueError("a weight that is a strided view of a larger tensor cannot be pruned in place")
+        raise ValueError(
+            "a weight that is a strided view of a larger tensor cannot be pruned in place"
+        )
     return permuted.view(-1)
 
 
-def _check_finite(t: _Tensor) -> None:
+def _check_finite(t: WeightGroup) -> None:
     w = t.weight
     if w.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(w)):
         raise ValueError(f"layer {t.names[0]!r} has NaN or infinite weights")
 
 
-def _score_dtype(tensors: list[_Tensor]) -> torch.dtype:
+def _score_dtype(tensors: list[WeightGroup]) -> torch.dtype:
     """float64 if any weight is float64, else float32 (exact for float16 and bfloat16)."""
     return torch.float64 if any(t.weight.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _magnitude(t: _Tensor, dtype: torch.dtype) -> Source:
+def _magnitude(t: WeightGroup, dtype: torch.dtype) -> Source:
     """The scores of one tensor: |w|, and -1 where an earlier mask pruned it (always first)."""
     w, mask = _flat(t.weight), t.mask
     flat_mask = None if mask is None else _flat(mask)
@@ -168,6 +192,7 @@ def _magnitude(t: _Tensor, dtype: torch.dtype) -> Source:
         if flat_mask is not None:
             s.masked_fill_(flat_mask[sel] == 0, -1.0)
         return s
+
     plain = mask is None and w.device.type == "cpu" and w.dtype == dtype
     return Source(score_of, w.numel(), dtype, w.device, w.detach().numpy() if plain else None)
 
@@ -183,34 +208,20 @@ def smallest_k(scores: Tensor, k: int) -> Tensor:
         raise ValueError(f"k must be between 0 and {flat.numel()}, got {k}")
     if flat.is_floating_point() and bool(torch.isnan(flat).any()):
         raise ValueError("scores contain NaN, which has no order")
-    threshold = kth_smallest([Source(lambda sel, out=None: flat[sel], flat.numel(), flat.dtype, flat.device)], k)
-    return ~keep(flat, threshold, threshold.ties.get(0)).view(scores.shape)
-
-
-def _apply_mask(module: nn.Module, name: str, keep: Tensor) -> None:
-    """Install ``keep`` (already including any earlier mask) as the mask of ``module.<name>``.
-
-    The same reparametrization as ``torch.nn.utils.prune.custom_from_mask`` (``<name>_orig``
-    parameter, ``<name>_mask`` buffer, torch's own forward pre-hook, so ``prune.remove``
-    works), built without its extra full-size temporaries.
-    """
-    if hasattr(module, name + "_mask"):
-        getattr(module, name + "_mask").copy_(keep)
-    else:
-        orig = module._parameters.pop(name)
-        module.register_parameter(name + "_orig", orig)
-        module.register_buffer(name + "_mask", keep.to(orig.dtype))
-        hook = torch_prune.CustomFromMask(None)
-        hook._tensor_name = name
-        module.register_forward_pre_hook(hook)
-    with torch.no_grad():  # a leaf tensor, so that copy.deepcopy works right away
-        setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+    threshold = kth_smallest(
+        [Source(lambda sel, out=None: flat[sel], flat.numel(), flat.dtype, flat.device)], k
+    )
+    return ~kept_by(flat, threshold, threshold.ties.get(0)).view(scores.shape)
 
 
 # ----------------------------------------------------------------------------- equation 3.1
-def prune_unstructured(model: nn.Module, ratio: float, scope: str = "global",
-                       layers: Iterable[str] | str | None = None,
-                       inplace: bool = False) -> dict[str, Tensor] | dict[str, int]:
+def prune_unstructured(
+    model: nn.Module,
+    ratio: float,
+    scope: str = "global",
+    layers: Iterable[str] | str | None = None,
+    inplace: bool = False,
+) -> dict[str, Tensor] | dict[str, int]:
     """Zero the smallest-magnitude weights so that exactly ``round(ratio * n)`` are zero.
 
     ``n`` counts the selected weights of all layers together (``scope="global"``) or of
@@ -223,70 +234,92 @@ def prune_unstructured(model: nn.Module, ratio: float, scope: str = "global",
     threshold is found chunk by chunk, so extra memory stays a small share of the model's.
     It returns the number of weights kept per layer instead of masks.
     """
-    r, scope = _check_ratio(ratio), _check_scope(scope)
+    r, scope = check_share(ratio), _check_scope(scope)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     selected = select_layers(model, layers)
     _refuse_computed_weights(selected)
-    tensors = weight_tensors(model, selected, inplace)
+    tensors = weight_tensors(model, selected, check_shared=not inplace)
     if inplace and is_pruned(model):
-        raise ValueError("the model carries pruning masks; make_permanent(model) first, or use inplace=False")
+        raise ValueError(
+            "the model carries pruning masks; make_permanent(model) first, or use inplace=False"
+        )
     with torch.no_grad():
         for t in tensors:
             _check_finite(t)
         dtype = _score_dtype(tensors)
         sources = [_magnitude(t, dtype) for t in tensors]
         buffers = Buffers()
-        thresholds = _choose_weights(tensors, sources, r, scope, buffers)  # raises before anything changes
+        thresholds = _choose_weights(
+            tensors, sources, r, scope, buffers
+        )  # raises before anything changes
         return _zero_weights(tensors, sources, thresholds, inplace, buffers)
 
 
-def _choose_weights(tensors: list[_Tensor], sources: list[Source], r: float, scope: str,
-                    buffers: Buffers) -> list[Threshold]:
+def _choose_weights(
+    tensors: list[WeightGroup], sources: list[Source], r: float, scope: str, buffers: Buffers
+) -> list[Threshold]:
     """One threshold for all tensors (global) or one per tensor (local), with exact counts."""
     already = [0 if t.mask is None else int((t.mask == 0).sum()) for t in tensors]
     if scope == "global":
         k = round(r * sum(s.n for s in sources))
         if sum(already) > k:
-            raise ValueError(f"{sum(already)} weights are already pruned, more than round(ratio * n) = {k}; "
-                             "pruned weights stay pruned, so the ratio must not fall")
+            raise ValueError(
+                f"{sum(already)} weights are already pruned, more than round(ratio * n) = {k}; "
+                "pruned weights stay pruned, so the ratio must not fall"
+            )
         return [kth_smallest(sources, k, buffers)] * len(tensors)
     thresholds = []
     for t, source, a in zip(tensors, sources, already):
         k = round(r * source.n)
         if a > k:
-            raise ValueError(f"layer {t.names[0]!r} already has {a} pruned weights, more than "
-                             f"round(ratio * n) = {k}; pruned weights stay pruned")
+            raise ValueError(
+                f"layer {t.names[0]!r} already has {a} pruned weights, more than "
+                f"round(ratio * n) = {k}; pruned weights stay pruned"
+            )
         thresholds.append(kth_smallest([source], k, buffers))
     return thresholds
 
 
-def _zero_weights(tensors: list[_Tensor], sources: list[Source], thresholds: list[Threshold],
-                  inplace: bool, buffers: Buffers) -> dict[str, Tensor] | dict[str, int]:
+def _zero_weights(
+    tensors: list[WeightGroup],
+    sources: list[Source],
+    thresholds: list[Threshold],
+    inplace: bool,
+    buffers: Buffers,
+) -> dict[str, Tensor] | dict[str, int]:
     """Apply the thresholds, as masks or (``inplace``) by zeroing the weights, by the compiled
     loops where they serve, else chunk by chunk with torch ops (the same result)."""
     out: dict = {}
     shared = all(th is thresholds[0] for th in thresholds)
     compiled = use_kernels(sources)
     for i, (t, src, th) in enumerate(zip(tensors, sources, thresholds)):
-        source = i if shared else 0  # the key of this tensor's ties in th
-        full_mask = None if inplace else torch.empty_like(t.weight)  # same memory order as the weight
+        tie_key = i if shared else 0  # the key of this tensor's ties in th
+        full_mask = (
+            None if inplace else torch.empty_like(t.weight)
+        )  # same memory order as the weight
         w, mask = (_flat(t.weight), None) if inplace else (None, _flat(full_mask))
         if compiled:
-            kept = _zero_compiled(src, th, source, w, mask)
+            kept = _zero_compiled(src, th, tie_key, w, mask)
         else:
-            kept = _zero_eager(src, th, source, w, mask, buffers)
+            kept = _zero_eager(src, th, tie_key, w, mask, buffers)
         for name, m in zip(t.names, t.modules):
             if inplace:
                 out[name] = kept
             else:
-                _apply_mask(m, "weight", full_mask)
+                masks.set_mask(m, "weight", full_mask)
                 out[name] = full_mask.bool()
     return out
 
 
-def _zero_eager(src: Source, th: Threshold, source: int, w: Tensor | None, mask: Tensor | None,
-                buffers: Buffers) -> int:
+def _zero_eager(
+    src: Source,
+    th: Threshold,
+    tie_key: int,
+    w: Tensor | None,
+    mask: Tensor | None,
+    buffers: Buffers,
+) -> int:
     """Zero the flat weights ``w`` below the threshold (multiplying by 0/1), or write the 0/1
     ``mask``, chunk by chunk; the kept count (``w`` only)."""
     kept = 0
@@ -294,7 +327,7 @@ def _zero_eager(src: Source, th: Threshold, source: int, w: Tensor | None, mask:
         s_buf, flags, _ = buffers.get(src, sel.stop - sel.start)
         if mask is not None and mask.dtype == src.dtype:
             flags = mask[sel]  # write the 0/1 mask in place
-        flags = keep(src.score_of(sel, out=s_buf), th, ties_in(th, source, sel), out=flags)
+        flags = kept_by(src.score_of(sel, out=s_buf), th, ties_in(th, tie_key, sel), out=flags)
         if w is not None:
             w[sel].mul_(flags)
             kept += count_ones(flags)
@@ -303,11 +336,14 @@ def _zero_eager(src: Source, th: Threshold, source: int, w: Tensor | None, mask:
     return kept
 
 
-def _zero_compiled(src: Source, th: Threshold, source: int, w: Tensor | None, mask: Tensor | None) -> int:
+def _zero_compiled(
+    src: Source, th: Threshold, tie_key: int, w: Tensor | None, mask: Tensor | None
+) -> int:
     """``_zero_eager`` by the compiled loops, one pass: zero the weights below the threshold in
     place (``w``) or write the 0/1 ``mask``, then the tied positions; the kept count."""
-    from utils import kernels
-    ties = th.ties.get(source, torch.zeros(0, dtype=torch.long))
+    from utils.pruning import kernels
+
+    ties = th.ties.get(tie_key, torch.zeros(0, dtype=torch.long))
     if w is not None:
         kept = src.n - kernels.zero_below(src.array, th.value)
         kept -= int((w[ties].abs() >= th.value).sum())  # as the eager path counts them (aliases)
@@ -320,12 +356,11 @@ def _zero_compiled(src: Source, th: Threshold, source: int, w: Tensor | None, ma
 
 # ----------------------------------------------------------------------------- equation 3.2
 def _unit_axis(module: nn.Module) -> int:
-    """The weight axis of the output units: 0, but 1 for a transposed convolution."""
-    if isinstance(module, _ConvTransposeNd):
-        if module.groups != 1:
-            raise ValueError("structured pruning of a grouped ConvTranspose is not supported")
-        return 1
-    return 0
+    """:func:`~utils.pruning.graph.unit_axis`, refusing a grouped ConvTranspose (its units are
+    not whole slices of one axis)."""
+    if _grouped_transpose(module):
+        raise ValueError("structured pruning of a grouped ConvTranspose is not supported")
+    return unit_axis(module)
 
 
 def unit_rows(w: Tensor, module: nn.Module) -> Tensor:
@@ -354,15 +389,24 @@ def _default_structured_layers(model: nn.Module) -> list[str]:
     try:
         heads = output_layers(model)
     except ValueError as e:
-        raise ValueError(f"{e}. Without the graph the output layer is unknown: name layers= explicitly") from None
+        raise ValueError(
+            f"{e}. Without the graph the output layer is unknown: name layers= explicitly"
+        ) from None
     names = [n for n in select_layers(model) if n not in heads]
     if not names:
-        raise ValueError("every prunable layer produces the model's output; name layers= explicitly")
+        raise ValueError(
+            "every prunable layer produces the model's output; name layers= explicitly"
+        )
     return names
 
 
-def prune_structured(model: nn.Module, ratio: float, scope: str = "local", p: float = 2.0,
-                     layers: Iterable[str] | str | None = None) -> dict[str, Tensor]:
+def prune_structured(
+    model: nn.Module,
+    ratio: float,
+    scope: str = "local",
+    p: float = 2.0,
+    layers: Iterable[str] | str | None = None,
+) -> dict[str, Tensor]:
     """Remove whole output units (Linear rows, conv filters) with the smallest L_p norm.
 
     Prunes exactly ``round(ratio * units)`` units per layer (``"local"``) or over all selected
@@ -375,14 +419,17 @@ def prune_structured(model: nn.Module, ratio: float, scope: str = "local", p: fl
     its weights, its bias, and the BatchNorm that follows it are masked. Returns weight masks
     (bool, 1 = kept) by layer.
     """
-    r, scope, p = _check_ratio(ratio), _check_scope(scope), _check_p(p)
+    r, scope, p = check_share(ratio), _check_scope(scope), _check_p(p)
     selected = select_layers(model, _default_structured_layers(model) if layers is None else layers)
     _refuse_computed_weights(selected)
     tensors = weight_tensors(model, selected)
     if len(tensors) < len(selected):
         raise ValueError("structured pruning of a weight shared by several layers is not supported")
     with torch.no_grad():
-        scores = {name: _unit_scores(name, m, p, normalize=scope == "global") for name, m in selected.items()}
+        scores = {
+            name: _unit_scores(name, m, p, normalize=scope == "global")
+            for name, m in selected.items()
+        }
         pruned = _choose_units(scores, r, scope)  # raises before anything is changed
         return _silence_units(model, selected, pruned)
 
@@ -393,8 +440,11 @@ def _unit_scores(name: str, module: nn.Module, p: float, normalize: bool) -> Ten
     if not torch.isfinite(w).all():
         raise ValueError(f"layer {name!r} has NaN or infinite weights")
     s = unit_norms(module, p)
-    gone = (torch.zeros_like(s, dtype=torch.bool) if mask is None
-            else (unit_rows(mask, module) == 0).all(dim=1))
+    gone = (
+        torch.zeros_like(s, dtype=torch.bool)
+        if mask is None
+        else (unit_rows(mask, module) == 0).all(dim=1)
+    )
     if normalize and s[~gone].sum() > 0:
         s = s / s[~gone].mean()  # relative to the layer's average unit
     s[gone] = -1.0
@@ -409,23 +459,32 @@ def _choose_units(scores: dict[str, Tensor], r: float, scope: str) -> dict[str, 
         for name, s in scores.items():
             k = min(round(r * s.numel()), s.numel() - 1)
             if already[name] > k:
-                raise ValueError(f"layer {name!r} already has {already[name]} pruned units, more than the {k} asked for")
+                raise ValueError(
+                    f"layer {name!r} already has {already[name]} pruned units, more than the {k} asked for"
+                )
             pruned[name] = smallest_k(s, k)
         return pruned
     total = sum(s.numel() for s in scores.values())
     k = min(round(r * total), total - len(scores))
     if sum(already.values()) > k:
-        raise ValueError(f"{sum(already.values())} units are already pruned, more than the {k} asked for")
+        raise ValueError(
+            f"{sum(already.values())} units are already pruned, more than the {k} asked for"
+        )
     candidates = [s.clone().cpu() for s in scores.values()]
     for s in candidates:  # the strongest unit of each layer is never a candidate
         s[s.argmax()] = math.inf
     gone = smallest_k(torch.cat(candidates), k)
-    return {name: g.to(s.device) for (name, s), g in zip(scores.items(), gone.split([s.numel() for s in candidates]))}
+    return {
+        name: g.to(s.device)
+        for (name, s), g in zip(scores.items(), gone.split([s.numel() for s in candidates]))
+    }
 
 
-def _silence_units(model: nn.Module, selected: dict[str, nn.Module], pruned: dict[str, Tensor]) -> dict[str, Tensor]:
+def _silence_units(
+    model: nn.Module, selected: dict[str, nn.Module], pruned: dict[str, Tensor]
+) -> dict[str, Tensor]:
     """Mask the pruned units' weights, biases and following BatchNorm; return the weight masks."""
-    bns, modules, masks = following_batchnorms(model), dict(model.named_modules()), {}
+    bns, modules, unit_masks = following_batchnorms(model), dict(model.named_modules()), {}
     for name, m in selected.items():
         keep_units = ~pruned[name]
         w, mask = weight_and_mask(m)
@@ -435,19 +494,22 @@ def _silence_units(model: nn.Module, selected: dict[str, nn.Module], pruned: dic
         keep = keep_units.view(shape).expand_as(w).clone()
         if mask is not None:
             keep &= mask.bool()
-        masks[name] = keep
-        _apply_mask(m, "weight", keep)
+        unit_masks[name] = keep
+        masks.set_mask(m, "weight", keep)
         targets = [(m, "bias")] if m.bias is not None else []
         bn = modules[bns[name]] if name in bns else None
         if bn is not None and bn.affine:
             targets += [(bn, "weight"), (bn, "bias")]
         elif bn is not None and bn.track_running_stats:
-            warnings.warn(f"{bns[name]!r} has no affine parameters to mask: in eval mode a pruned unit of "
-                          f"{name!r} still outputs -running_mean / std", stacklevel=3)
+            warnings.warn(
+                f"{bns[name]!r} has no affine parameters to mask: in eval mode a pruned unit of "
+                f"{name!r} still outputs -running_mean / std",
+                stacklevel=3,
+            )
         for mod, tensor in targets:
             _, old = weight_and_mask(mod, tensor)
-            _apply_mask(mod, tensor, keep_units if old is None else keep_units & old.bool())
-    return masks
+            masks.set_mask(mod, tensor, keep_units if old is None else keep_units & old.bool())
+    return unit_masks
 
 
 # ----------------------------------------------------------------------------- 2:4 pattern
@@ -461,7 +523,9 @@ def semi_structured_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
     if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
         raise ValueError(f"need integers 0 < n <= m, got n={n!r}, m={m!r}")
     if weight.dim() == 0 or weight.shape[-1] % m:
-        raise ValueError(f"the last dimension ({tuple(weight.shape)[-1:]}) must be a multiple of m={m}")
+        raise ValueError(
+            f"the last dimension ({tuple(weight.shape)[-1:]}) must be a multiple of m={m}"
+        )
     groups = weight.detach().abs().reshape(-1, m).float()
     order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
@@ -476,7 +540,7 @@ def sparsity(model: nn.Module) -> float:
     """
     with torch.no_grad():
         zeros = total = 0
-        for t in weight_tensors(model, select_layers(model), inplace=True):
+        for t in weight_tensors(model, select_layers(model), check_shared=False):
             w = effective_weight(t.modules[0])
             zeros, total = zeros + int((w == 0).sum()), total + w.numel()
         return zeros / total
@@ -494,15 +558,34 @@ def sparsity_report(model: nn.Module):
         for name, m in select_layers(model).items():
             w = effective_weight(m)
             kept = int((w != 0).sum())
-            alive = int((unit_rows(w, m) != 0).any(dim=1).sum()) if not _grouped_transpose(m) else None
-            rows.append({"layer": name, "type": type(m).__name__, "shape": tuple(w.shape),
-                         "weights": w.numel(), "kept": kept, "sparsity": 1 - kept / w.numel(),
-                         "units alive": "" if alive is None else f"{alive}/{len(unit_rows(w, m))}"})
-            if id(_raw_weight(m)) not in seen:
-                seen.add(id(_raw_weight(m)))
+            alive = (
+                int((unit_rows(w, m) != 0).any(dim=1).sum()) if not _grouped_transpose(m) else None
+            )
+            rows.append(
+                {
+                    "layer": name,
+                    "type": masks.base_class(m).__name__,
+                    "shape": tuple(w.shape),
+                    "weights": w.numel(),
+                    "kept": kept,
+                    "sparsity": 1 - kept / w.numel(),
+                    "units alive": "" if alive is None else f"{alive}/{len(unit_rows(w, m))}",
+                }
+            )
+            if id(masks.stored(m)) not in seen:
+                seen.add(id(masks.stored(m)))
                 n, kept_total = n + w.numel(), kept_total + kept
-    rows.append({"layer": "total", "type": "", "shape": "", "weights": n, "kept": kept_total,
-                 "sparsity": 1 - kept_total / n, "units alive": ""})
+    rows.append(
+        {
+            "layer": "total",
+            "type": "",
+            "shape": "",
+            "weights": n,
+            "kept": kept_total,
+            "sparsity": 1 - kept_total / n,
+            "units alive": "",
+        }
+    )
     return pd.DataFrame(rows).set_index("layer").round({"sparsity": 4})
 
 
@@ -511,36 +594,21 @@ def _grouped_transpose(m: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------- housekeeping
-def _pruning_hooks(model: nn.Module):
-    for m in model.modules():
-        for hook in list(m._forward_pre_hooks.values()):
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                yield m, hook
-
-
 def is_pruned(model: nn.Module) -> bool:
-    """True while any tensor of the model is reparametrized by a pruning mask."""
-    return any(True for _ in _pruning_hooks(model))
+    """True while any tensor of the model carries a pruning mask."""
+    return any(True for _ in masks.masked(model))
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Fold every mask into its tensor (``torch.nn.utils.prune.remove``); returns the model.
+    """Fold every mask into its tensor and drop the parametrization; returns the model.
 
     Afterwards the state_dict has plain ``weight``/``bias`` entries only, the zeros are
-    ordinary values, and nothing keeps them zero during further training.
+    ordinary values (same Parameter objects, so an optimizer keeps working), and nothing
+    keeps them zero during further training.
     """
-    for m, hook in list(_pruning_hooks(model)):
-        torch_prune.remove(m, hook._tensor_name)
-    return model
+    return masks.fold_all(model)
 
 
 def clone_model(model: nn.Module) -> nn.Module:
-    """A deep copy that works on pruned models too.
-
-    ``copy.deepcopy`` fails on a pruned module whose masked tensor was last computed with
-    autograd on (it is not a leaf); recomputing it under ``no_grad`` first avoids that.
-    """
-    with torch.no_grad():
-        for m, hook in _pruning_hooks(model):
-            setattr(m, hook._tensor_name, hook.apply_mask(m))
+    """A deep copy, masks included (tied weights stay tied within the copy)."""
     return copy.deepcopy(model)

@@ -1,4 +1,5 @@
 """Book plumbing: the repository URL (kept once, in _config.yml) and the Colab set-up cell."""
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,9 @@ def sync_colab_cells(notebooks: list[Path]) -> list[Path]:
     for path in notebooks:
         nb = json.loads(Path(path).read_text())
         for cell in nb["cells"]:
-            if COLAB_TAG in cell.get("metadata", {}).get("tags", []) and "google.colab" in "".join(cell["source"]):
+            if COLAB_TAG in cell.get("metadata", {}).get("tags", []) and "google.colab" in "".join(
+                cell["source"]
+            ):
                 if "".join(cell["source"]) != src:
                     cell["source"] = src.splitlines(keepends=True)
                     Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")

@@ -4,10 +4,11 @@ Eager PyTorch counts, gathers and zeroes weights by magnitude with several ops p
 each reading its input and writing a temporary, so pruning a billion weights in place costs
 about twenty reads of them. These loops, compiled by numba (once per machine, then cached on
 disk) and run in parallel over blocks, do each job in one read. They take 1-D numpy views of
-contiguous float32 or float64 CPU tensors; ``utils.threshold`` uses them for large tensors
+contiguous float32 or float64 CPU tensors; ``utils.pruning.threshold`` uses them for large tensors
 and keeps the eager ops for every other case (other dtypes, GPUs, masks) and where numba is
 missing. Both paths give the same result (tests/test_kernels.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,10 @@ try:
 except ImportError:  # the eager path still works
     numba = None
 
-_UINT = {np.dtype(np.float32): (np.uint32, 0x7FFFFFFF), np.dtype(np.float64): (np.uint64, 0x7FFFFFFFFFFFFFFF)}
+_UINT = {
+    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF),
+    np.dtype(np.float64): (np.uint64, 0x7FFFFFFFFFFFFFFF),
+}
 
 
 _LOCK = threading.Lock()  # numba's fallback thread pool ("workqueue") aborts on concurrent calls
@@ -45,9 +49,13 @@ def _pool() -> Iterator[None]:
     """Run with as many threads as torch uses, one call at a time. Starting numba's OpenMP pool
     resets the thread count that torch reads; it is put back, else a process forked after this
     (a DataLoader worker that set one thread) would enter OpenMP and hang."""
-    if _STARTED_IN and _STARTED_IN[0] != os.getpid():  # before the lock, which a fork may have copied held
-        raise RuntimeError("the compiled loops cannot run in a process forked after they ran "
-                           "(kernels.available() is False here; the eager path works)")
+    if (
+        _STARTED_IN and _STARTED_IN[0] != os.getpid()
+    ):  # before the lock, which a fork may have copied held
+        raise RuntimeError(
+            "the compiled loops cannot run in a process forked after they ran "
+            "(kernels.available() is False here; the eager path works)"
+        )
     with _LOCK:
         if not _STARTED_IN:
             _STARTED_IN.append(os.getpid())
@@ -69,11 +77,14 @@ def _blocks(n: int) -> int:
 # their bits with the sign bit cleared, as unsigned integers. So |x| <= v is "bits < key",
 # one integer compare that vectorises, and a band lo < |x| < hi is one unsigned compare.
 
+
 def _bits(x: np.ndarray) -> tuple[np.ndarray, object]:
     """``x`` viewed as unsigned integers, and the mask that clears the sign bit."""
     if x.dtype not in _UINT or x.ndim != 1 or not x.flags.c_contiguous:
-        raise ValueError(f"the compiled loops take 1-D contiguous float32 or float64 arrays, got "
-                         f"{x.dtype} of shape {x.shape}")
+        raise ValueError(
+            f"the compiled loops take 1-D contiguous float32 or float64 arrays, got "
+            f"{x.dtype} of shape {x.shape}"
+        )
     uint, mask = _UINT[x.dtype]
     return x.view(uint), uint(mask)
 
@@ -137,11 +148,13 @@ def warm_up() -> float:
 
 def _compiler(**options):
     """numba.njit, cached on disk where numba finds a writable folder (else per process)."""
+
     def wrap(fn):
         try:
             return numba.njit(cache=True, **options)(fn)
         except RuntimeError:  # "cannot cache function ...: no locator available"
             return numba.njit(**options)(fn)
+
     return wrap
 
 
@@ -167,7 +180,9 @@ if numba is not None:
         n, step = xb.size, (xb.size + nblocks - 1) // nblocks
         below, inside = np.zeros(nblocks, np.int64), np.zeros(nblocks, np.int64)
         for b in prange(nblocks):
-            below[b], inside[b] = _count_block(xb[b * step:min(n, (b + 1) * step)], mask, first, end)
+            below[b], inside[b] = _count_block(
+                xb[b * step : min(n, (b + 1) * step)], mask, first, end
+            )
         return below.sum(), inside
 
     @jit
@@ -189,7 +204,9 @@ if numba is not None:
         positions, values = np.empty(starts[-1], np.int64), np.empty(starts[-1], xb.dtype)
         for b in prange(nblocks):
             s = b * step
-            _gather_block(xb[s:min(n, s + step)], s, mask, first, width, positions, values, starts[b])
+            _gather_block(
+                xb[s : min(n, s + step)], s, mask, first, width, positions, values, starts[b]
+            )
         return positions, values
 
     @jit
@@ -206,7 +223,7 @@ if numba is not None:
         n, step = xb.size, (xb.size + nblocks - 1) // nblocks
         zeroed = np.zeros(nblocks, np.int64)
         for b in prange(nblocks):
-            zeroed[b] = _zero_block(xb[b * step:min(n, (b + 1) * step)], mask, end, sign)
+            zeroed[b] = _zero_block(xb[b * step : min(n, (b + 1) * step)], mask, end, sign)
         return zeroed.sum()
 
     @jit

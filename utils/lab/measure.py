@@ -1,4 +1,5 @@
 """Counting and timing: parameters, FLOPs, latency (interleaved, medians), bytes."""
+
 from __future__ import annotations
 
 import io
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.pruning import effective_weight, select_layers, weight_tensors
+from utils.pruning import effective_weight, masks, select_layers, weight_tensors
+from utils.pruning.modes import eval_mode
 
 
 def use_threads(n: int | None = None) -> int:
@@ -29,10 +31,8 @@ def count_params(model: nn.Module, nonzero: bool = False) -> int:
         return sum(p.numel() for p in model.parameters())
     total = 0
     with torch.no_grad():
-        for m in model.modules():
-            for name, p in m.named_parameters(recurse=False):
-                base = name[:-5] if name.endswith("_orig") else name
-                total += int((effective_weight(m, base) != 0).sum())
+        for _, m, name, _ in masks.own_tensors(model):
+            total += int((effective_weight(m, name) != 0).sum())
     return total
 
 
@@ -41,11 +41,8 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
 
     Counts dense work: a masked zero still costs its multiply, as it does on the hardware.
     """
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(example)
-    model.train(was_training)
     return counter.get_total_flops()
 
 
@@ -55,13 +52,14 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     Read from ``torch.utils.flop_counter`` (1 MAC = 2 FLOPs), per module; a layer called
     twice counts twice.
     """
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(example)
-    model.train(was_training)
     prefix = type(model).__name__ + "."
-    flops = {k[len(prefix):]: sum(v.values()) for k, v in counter.get_flop_counts().items() if k.startswith(prefix)}
+    flops = {
+        k[len(prefix) :]: sum(v.values())
+        for k, v in counter.get_flop_counts().items()
+        if k.startswith(prefix)
+    }
     return {name: flops.get(name, 0) // 2 for name in select_layers(model)}
 
 
@@ -78,8 +76,13 @@ def to_csr(weight: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> torc
         csr = weight.detach().to_sparse_csr()
         if index_dtype == torch.int64:
             return csr
-        return torch.sparse_csr_tensor(csr.crow_indices().to(index_dtype), csr.col_indices().to(index_dtype),
-                                       csr.values(), csr.shape, check_invariants=False)  # valid: copied from a CSR
+        return torch.sparse_csr_tensor(
+            csr.crow_indices().to(index_dtype),
+            csr.col_indices().to(index_dtype),
+            csr.values(),
+            csr.shape,
+            check_invariants=False,
+        )  # valid: copied from a CSR
 
 
 def csr_index_bytes(csr: torch.Tensor) -> int:
@@ -96,7 +99,7 @@ def csr_bytes(weight: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> i
 def count_weights(model: nn.Module, nonzero: bool = False) -> int:
     """Weights of the Linear and conv layers (biases excluded; a tied tensor counts once),
     optionally only the non-zero ones."""
-    tensors = weight_tensors(model, select_layers(model), inplace=True)
+    tensors = weight_tensors(model, select_layers(model), check_shared=False)
     with torch.no_grad():
         weights = [effective_weight(t.modules[0]) for t in tensors]
         return sum(int(torch.count_nonzero(w)) if nonzero else w.numel() for w in weights)
@@ -110,7 +113,9 @@ def effective_macs(model: nn.Module, example: torch.Tensor) -> float:
     macs = layer_macs(model, example)
     modules = dict(model.named_modules())
     with torch.no_grad():
-        return sum(n * float((effective_weight(modules[k]) != 0).float().mean()) for k, n in macs.items())
+        return sum(
+            n * float((effective_weight(modules[k]) != 0).float().mean()) for k, n in macs.items()
+        )
 
 
 def saved_bytes(obj: object) -> bytes:
@@ -126,8 +131,9 @@ def file_sizes(obj: object) -> dict[str, float]:
     return {"KB": len(raw) / 1e3, "KB zipped": len(zlib.compress(raw, 9)) / 1e3}
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 20,
-                     warmup: int = 3) -> dict[str, list[float]]:
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3
+) -> dict[str, list[float]]:
     """Wall times (s) of each candidate, run A B C A B C ... so that noise hits all alike."""
     for fn in candidates.values():
         for _ in range(warmup):
@@ -141,8 +147,12 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int =
     return times
 
 
-def median_times(candidates: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
-                 device: torch.device | str = "cpu") -> dict[str, float]:
+def median_times(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int = 20,
+    warmup: int = 3,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """Median wall time (s) of each candidate under ``no_grad``, interleaved; on a GPU each call
     is followed by a synchronize, so that the timer sees the finished work."""
     device = torch.device(device)
@@ -157,10 +167,15 @@ def median_times(candidates: dict[str, Callable[[], object]], repeats: int = 20,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def latency(models: dict[str, nn.Module], example: torch.Tensor, repeats: int = 20,
-            warmup: int = 3) -> dict[str, float]:
+def latency(
+    models: dict[str, nn.Module], example: torch.Tensor, repeats: int = 20, warmup: int = 3
+) -> dict[str, float]:
     """Median forward latency (s) of each model on ``example``, measured interleaved."""
     for m in models.values():
         m.eval()
-    return median_times({k: (lambda m=m: m(example)) for k, m in models.items()}, repeats, warmup,
-                        device=example.device)
+    return median_times(
+        {k: (lambda m=m: m(example)) for k, m in models.items()},
+        repeats,
+        warmup,
+        device=example.device,
+    )

@@ -1,4 +1,5 @@
-"""The book's models: the seed's LeNet-5 (fixed), LeNet-300-100, and a VGG-style CNN."""
+"""The book's models: the source's LeNet-5 (fixed), LeNet-300-100, and a VGG-style CNN."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,9 +10,9 @@ from torch import nn
 
 
 class LeNet5(nn.Module):
-    """The seed's network (section 4), fixed: ``F`` imported, 32x32 inputs, ``torch.flatten``.
+    """The source's network (section 4), fixed: ``F`` imported, 32x32 inputs, ``torch.flatten``.
 
-    MNIST digits are 28x28; :func:`utils.data.load_mnist` pads them to 32x32, the size
+    MNIST digits are 28x28; :func:`utils.lab.data.load_mnist` pads them to 32x32, the size
     LeNet-5 was designed for, so that two 5x5 convolutions and two poolings leave 16x5x5.
     """
 
@@ -59,8 +60,14 @@ class VGG(nn.Module):
     Used for timing, where random weights are as good as trained ones.
     """
 
-    def __init__(self, cfg: Sequence[int | str] = VGG_CFG, in_channels: int = 3, num_classes: int = 10,
-                 width: float = 1.0, image_size: int = 32) -> None:
+    def __init__(
+        self,
+        cfg: Sequence[int | str] = VGG_CFG,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: float = 1.0,
+        image_size: int = 32,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c, size = in_channels, image_size
@@ -70,12 +77,20 @@ class VGG(nn.Module):
                 size //= 2
             else:
                 out = max(1, int(round(int(v) * width)))
-                layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(c, out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(out),
+                    nn.ReLU(inplace=True),
+                ]
                 c = out
         self.features = nn.Sequential(*layers)
         hidden = max(1, int(round(512 * width)))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * size * size, hidden), nn.ReLU(inplace=True),
-                                        nn.Linear(hidden, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c * size * size, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -1,4 +1,5 @@
 """The book's figures: small functions so that chapter cells stay short."""
+
 from __future__ import annotations
 
 import textwrap
@@ -9,28 +10,39 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-plt.rcParams.update({"figure.dpi": 90, "savefig.dpi": 90, "axes.spines.top": False, "axes.spines.right": False})
+plt.rcParams.update(
+    {"figure.dpi": 90, "savefig.dpi": 90, "axes.spines.top": False, "axes.spines.right": False}
+)
 
 
-def mask_heatmaps(panels: Mapping[str, torch.Tensor], cmap: str = "Greys", cols: int | None = None) -> Figure:
+def mask_heatmaps(
+    panels: Mapping[str, torch.Tensor], cmap: str = "Greys", cols: int | None = None
+) -> Figure:
     """Side-by-side heat maps of 2-D tensors (masks or magnitudes); black = kept / large."""
     cols = cols or len(panels)
     rows = int(np.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
     for ax, (title, t) in zip(axes.flat, panels.items()):
-        ax.imshow(t.detach().float().cpu().numpy(), cmap=cmap, aspect="auto", interpolation="nearest")
+        ax.imshow(
+            t.detach().float().cpu().numpy(), cmap=cmap, aspect="auto", interpolation="nearest"
+        )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("input")
         ax.set_ylabel("output unit")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     return fig
 
 
-def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str,
-                 title: str = "", ylim: tuple[float, float] | None = None,
-                 errors: Mapping[str, Sequence[float]] | None = None) -> Figure:
+def grouped_bars(
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    ylabel: str,
+    title: str = "",
+    ylim: tuple[float, float] | None = None,
+    errors: Mapping[str, Sequence[float]] | None = None,
+) -> Figure:
     """Bars of several series side by side for each group (for example, sparsity per layer);
     ``errors`` (same keys) draws error bars, such as the standard deviation over seeds."""
     fig, ax = plt.subplots(figsize=(7, 3.4))
@@ -38,8 +50,12 @@ def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], y
     x = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
         yerr = None if errors is None else errors[name]
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name, yerr=yerr, capsize=3)
-    ax.set_xticks(x, [textwrap.fill(str(g), 14) for g in groups])  # long names wrap instead of overlapping
+        ax.bar(
+            x + (i - (len(series) - 1) / 2) * width, values, width, label=name, yerr=yerr, capsize=3
+        )
+    ax.set_xticks(
+        x, [textwrap.fill(str(g), 14) for g in groups]
+    )  # long names wrap instead of overlapping
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
@@ -50,9 +66,17 @@ def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], y
     return fig
 
 
-def curves(x: Sequence[float] | Mapping[str, Sequence[float]], series: Mapping[str, Sequence[float]],
-           xlabel: str, ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
-           marker: str = "o", errors: Mapping[str, Sequence[float]] | None = None) -> Figure:
+def curves(
+    x: Sequence[float] | Mapping[str, Sequence[float]],
+    series: Mapping[str, Sequence[float]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logx: bool = False,
+    logy: bool = False,
+    marker: str = "o",
+    errors: Mapping[str, Sequence[float]] | None = None,
+) -> Figure:
     """Line plot of several named series; ``x`` is shared or given per series. ``errors`` (some or
     all of the keys) draws error bars, such as the standard deviation over seeds."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -76,8 +100,13 @@ def curves(x: Sequence[float] | Mapping[str, Sequence[float]], series: Mapping[s
     return fig
 
 
-def histogram(values: torch.Tensor, threshold: float | None = None, bins: int = 100,
-              title: str = "", xlabel: str = "|w|") -> Figure:
+def histogram(
+    values: torch.Tensor,
+    threshold: float | None = None,
+    bins: int = 100,
+    title: str = "",
+    xlabel: str = "|w|",
+) -> Figure:
     """Histogram of magnitudes, with the pruning threshold drawn as a line."""
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     ax.hist(values.detach().flatten().cpu().numpy(), bins=bins, color="0.5")

@@ -3,24 +3,66 @@
 Pruning needs this twice: to find the BatchNorm that follows a pruned layer (its units
 must be silenced too), and to cut the next layer's inputs when a unit is removed.
 """
+
 from __future__ import annotations
 
 import warnings
 
 from torch import fx, nn
-from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-LAYERS = (nn.Linear, _ConvNd)
+LAYERS = (nn.Linear, _ConvNd)  # the prunable layers: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d
 # Operations that map a zero channel to a zero channel and keep channels apart.
-ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Hardswish,
-                           nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
-                           nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-ZERO_PRESERVING_NAMES = {"relu", "relu_", "relu6", "leaky_relu", "tanh", "gelu", "silu", "hardswish",
-                         "dropout", "max_pool1d", "max_pool2d", "max_pool3d", "_max_pool2d", "avg_pool1d",
-                         "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                         "adaptive_avg_pool3d", "adaptive_max_pool2d", "_adaptive_max_pool2d", "contiguous"}
+ZERO_PRESERVING_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.Identity,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+ZERO_PRESERVING_NAMES = {
+    "relu",
+    "relu_",
+    "relu6",
+    "leaky_relu",
+    "tanh",
+    "gelu",
+    "silu",
+    "hardswish",
+    "dropout",
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "_max_pool2d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool2d",
+    "_adaptive_max_pool2d",
+    "contiguous",
+}
 # Uses of a tensor that read only its shape, not its values.
 SHAPE_ONLY_NAMES = {"size", "dim"}
 
@@ -30,8 +72,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
-        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx ({e}); "
-                         "its forward has data-dependent control flow") from e
+        raise ValueError(
+            f"cannot trace {type(model).__name__} with torch.fx ({e}); "
+            "its forward has data-dependent control flow"
+        ) from e
 
 
 def op_name(node: fx.Node) -> str:
@@ -45,7 +89,9 @@ def is_shape_query(node: fx.Node) -> bool:
     """True for ``x.size(...)``, ``x.dim()`` and ``x.shape``: they do not read the values."""
     if node.op == "call_method" and node.target in SHAPE_ONLY_NAMES:
         return True
-    return node.op == "call_function" and op_name(node) == "getattr" and node.args[1:2] == ("shape",)
+    return (
+        node.op == "call_function" and op_name(node) == "getattr" and node.args[1:2] == ("shape",)
+    )
 
 
 def following_batchnorms(model: nn.Module) -> dict[str, str]:
@@ -60,15 +106,22 @@ def following_batchnorms(model: nn.Module) -> dict[str, str]:
         graph = trace(model).graph
     except ValueError as e:
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules.values()):
-            warnings.warn(f"{e}. The BatchNorms after pruned layers are left unmasked, so a pruned unit "
-                          "still outputs the BatchNorm's shift (beta).", stacklevel=3)
+            warnings.warn(
+                f"{e}. The BatchNorms after pruned layers are left unmasked, so a pruned unit "
+                "still outputs the BatchNorm's shift (beta).",
+                stacklevel=3,
+            )
         return found
     calls = [n.target for n in graph.nodes if n.op == "call_module"]
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(modules.get(node.target), LAYERS):
             users = list(node.users)
-            if len(users) == 1 and users[0].op == "call_module" and calls.count(users[0].target) == 1 and \
-                    isinstance(modules.get(users[0].target), nn.modules.batchnorm._BatchNorm):
+            if (
+                len(users) == 1
+                and users[0].op == "call_module"
+                and calls.count(users[0].target) == 1
+                and isinstance(modules.get(users[0].target), nn.modules.batchnorm._BatchNorm)
+            ):
                 found[node.target] = users[0].target  # a BatchNorm used twice belongs to neither
     return found
 
@@ -97,30 +150,33 @@ def output_layers(model: nn.Module) -> set[str]:
     return found
 
 
-def is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """True for a flatten that keeps the batch dimension: (N, C, H, W) -> (N, C*H*W).
-
-    Raises for a flattening ``view``/``reshape`` with a hard-coded size, which would break once
-    channels are removed; any other reshape is not a flatten.
-    """
+def flatten_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """``"flatten"`` for a flatten that keeps the batch dimension ((N, C, H, W) -> (N, C*H*W)),
+    ``"hard-coded"`` for a flattening ``view``/``reshape`` with a fixed size (it would break once
+    channels are removed), ``None`` for anything else."""
     if node.op == "call_module":
         m = modules[node.target]
-        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+        keeps_batch = isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+        return "flatten" if keeps_batch else None
     name = op_name(node)
     if name == "flatten":
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        return start == 1 and end == -1
+        return "flatten" if (start, end) == (1, -1) else None
     if name in ("view", "reshape") and node.op == "call_method":
         sizes = node.args[1:]
         if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
             sizes = tuple(sizes[0])
         if len(sizes) == 2 and sizes[1] == -1 and not isinstance(sizes[0], int):
-            return True  # x.view(x.size(0), -1)
+            return "flatten"  # x.view(x.size(0), -1)
         if len(sizes) == 2 and all(isinstance(v, int) for v in sizes):  # x.view(-1, 400)
-            raise ValueError(f"the model flattens with {name}{tuple(sizes)}: a hard-coded size breaks when "
-                             "channels are removed; write torch.flatten(x, 1) instead")
-    return False
+            return "hard-coded"
+    return None
+
+
+def unit_axis(module: nn.Module) -> int:
+    """The weight axis of a layer's output units: 0, but 1 for a transposed convolution."""
+    return 1 if isinstance(module, _ConvTransposeNd) else 0
 
 
 def is_zero_preserving(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -134,4 +190,3 @@ def first_arg_is(node: fx.Node, source: fx.Node) -> bool:
     """True when ``source`` flows into ``node`` only as its first (data) argument."""
     others = list(node.args[1:]) + list(node.kwargs.values())
     return bool(node.args) and node.args[0] is source and all(o is not source for o in others)
-

@@ -13,6 +13,7 @@ torch and a quantized CPU engine is present). Measured on a 2-core CPU with torc
 torchao 0.18 (eager mode): the torchao model is as small as the torch.ao one but not faster than
 fp32, while the deprecated kernels are several times faster; time both before claiming a speedup.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,6 +37,7 @@ def torchao_available() -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
             probe = nn.Sequential(nn.Linear(32, 16))
             quantize_(probe, Int8DynamicActivationInt8WeightConfig())
             probe(torch.randn(2, 32))
@@ -65,15 +67,21 @@ def int8_api(api: str = "auto") -> str:
     if api in ("auto", "torchao") and torchao_available():
         return "torchao"
     if api == "torchao":
-        raise RuntimeError("torchao is not installed or does not run with this torch "
-                           f"({torch.__version__}): pip install torchao")
+        raise RuntimeError(
+            "torchao is not installed or does not run with this torch "
+            f"({torch.__version__}): pip install torchao"
+        )
     if legacy_available():
         return "torch.ao"
     if api == "torch.ao":
-        raise RuntimeError(f"torch {torch.__version__} no longer ships torch.ao.quantization.quantize_dynamic:"
-                           " use api='torchao'")
-    raise RuntimeError(f"no int8 path in torch {torch.__version__}: torch.ao.quantization.quantize_dynamic "
-                       "is gone and torchao does not run; pip install a torchao built for this torch")
+        raise RuntimeError(
+            f"torch {torch.__version__} no longer ships torch.ao.quantization.quantize_dynamic:"
+            " use api='torchao'"
+        )
+    raise RuntimeError(
+        f"no int8 path in torch {torch.__version__}: torch.ao.quantization.quantize_dynamic "
+        "is gone and torchao does not run; pip install a torchao built for this torch"
+    )
 
 
 def int8_dynamic(model: nn.Module, api: str = "auto") -> nn.Module:
@@ -88,16 +96,21 @@ def int8_dynamic(model: nn.Module, api: str = "auto") -> nn.Module:
 
     chosen = int8_api(api)
     if is_pruned(model):
-        raise ValueError("the model still carries pruning masks: fold them in with "
-                         "utils.pruning.make_permanent(model) before quantizing")
+        raise ValueError(
+            "the model still carries pruning masks: fold them in with "
+            "utils.pruning.make_permanent(model) before quantizing"
+        )
     copy = clone_model(model).eval()
     if chosen == "torchao":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
         quantize_(copy, Int8DynamicActivationInt8WeightConfig())
         return copy
     if any(t.device.type != "cpu" for t in (*copy.parameters(), *copy.buffers())):
-        raise ValueError("torch.ao.quantization.quantize_dynamic runs on the CPU only: move the model "
-                         "to the CPU first, or install torchao")
+        raise ValueError(
+            "torch.ao.quantization.quantize_dynamic runs on the CPU only: move the model "
+            "to the CPU first, or install torchao"
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*")
         return torch.ao.quantization.quantize_dynamic(copy, {nn.Linear}, dtype=torch.qint8)

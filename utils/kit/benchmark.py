@@ -1,6 +1,6 @@
-"""Benchmarks, runnable from the command line: ``python -m utils.benchmark [--quick] [--json PATH]``.
+"""Benchmarks, runnable from the command line: ``python -m utils.kit.benchmark [--quick] [--json PATH]``.
 
-(a) Global unstructured pruning of a ResNet-50-size model: ``utils.pruning`` vs the seed's
+(a) Global unstructured pruning of a ResNet-50-size model: ``utils.pruning`` vs the source's
     listing vs ``torch.nn.utils.prune``, time and peak extra memory, next to the floor of one
     read of all weights.
 (b) Structured pruning that pays: a VGG-style CNN (CIFAR-size input) with half its channels
@@ -14,6 +14,7 @@
 Weights are random: values do not change the work. Candidates always run interleaved
 (A B C A B C ...) and medians are reported, so noise on a shared machine hits all alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,24 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from utils import kernels, seed_listings
-from utils.measure import count_flops, csr_bytes, median_times, to_csr
-from utils.models import VGG
-from utils.pruning import (clone_model, prune_structured, prune_unstructured, select_layers, semi_structured_mask,
-                           smallest_k)
-from utils.surgery import shrink
-from utils.threshold import KERNELS_FROM
+from utils.kit import source_listings
+from utils.lab.measure import count_flops, csr_bytes, median_times, to_csr
+from utils.lab.models import VGG
+from utils.pruning import (
+    clone_model,
+    kernels,
+    prune_structured,
+    prune_unstructured,
+    select_layers,
+    semi_structured_mask,
+    smallest_k,
+)
+from utils.pruning.surgery import shrink
+from utils.pruning.threshold import tuning
 
 
 def machine() -> dict:
@@ -50,9 +58,14 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def _status_kb(field: str) -> int:
@@ -71,7 +84,9 @@ def peak_extra_rss(fn: Callable[[], object]) -> tuple[float, int]:
     (``getrusage``) is used: an upper bound when the process was larger before.
     """
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so that reuse is not hidden
+        ctypes.CDLL("libc.so.6").malloc_trim(
+            0
+        )  # hand freed memory back, so that reuse is not hidden
     except (OSError, AttributeError):
         pass
     try:
@@ -80,6 +95,7 @@ def peak_extra_rss(fn: Callable[[], object]) -> tuple[float, int]:
         base, read_peak = _status_kb("VmRSS") * 1024, lambda: _status_kb("VmHWM") * 1024
     except OSError:
         import resource
+
         scale = 1 if platform.system() == "Darwin" else 1024
         base, read_peak = 0, lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     t0 = time.perf_counter()
@@ -90,9 +106,12 @@ def peak_extra_rss(fn: Callable[[], object]) -> tuple[float, int]:
 
 PRUNERS: dict[str, Callable[[nn.Module, float], object]] = {
     "utils.pruning": lambda m, r: prune_unstructured(m, r, scope="global"),
-    "seed listing": seed_listings.unstructured_pruning,
+    "source listing": source_listings.unstructured_pruning,
     "torch.nn.utils.prune": lambda m, r: torch_prune.global_unstructured(
-        [(layer, "weight") for layer in select_layers(m).values()], pruning_method=torch_prune.L1Unstructured, amount=r),
+        [(layer, "weight") for layer in select_layers(m).values()],
+        pruning_method=torch_prune.L1Unstructured,
+        amount=r,
+    ),
 }
 
 
@@ -103,12 +122,14 @@ def bench_prune_speed(model: nn.Module, ratio: float = 0.5, repeats: int = 3) ->
     times are taken interleaved (one copy per pruner per repeat), medians reported.
     """
     weights = [m.weight.detach() for m in select_layers(model).values()]
-    for name, prune in PRUNERS.items():  # one untimed warm-up each: lazy imports, compiling utils.kernels
+    for prune in (
+        PRUNERS.values()
+    ):  # one untimed warm-up each: lazy imports, compiling utils.pruning.kernels
         prune(copy.deepcopy(model), ratio)
     memory = {}
     for name, prune in PRUNERS.items():
         victim = copy.deepcopy(model)
-        memory[name] = peak_extra_rss(lambda: prune(victim, ratio))[1]
+        memory[name] = peak_extra_rss(lambda prune=prune, victim=victim: prune(victim, ratio))[1]
         del victim
     times: dict[str, list[float]] = {k: [] for k in PRUNERS}
     floor = []
@@ -121,11 +142,20 @@ def bench_prune_speed(model: nn.Module, ratio: float = 0.5, repeats: int = 3) ->
             times[name].append(time.perf_counter() - t0)
             del victim
     ours = statistics.median(times["utils.pruning"])
-    return {"weights": sum(w.numel() for w in weights), "ratio": ratio, "repeats": repeats,
-            "one read of all weights (s)": statistics.median(floor),
-            "pruners": {name: {"time_s": statistics.median(t), "peak_extra_mb": memory[name] / 2**20,
-                               "times_slower_than_utils": statistics.median(t) / ours}
-                        for name, t in times.items()}}
+    return {
+        "weights": sum(w.numel() for w in weights),
+        "ratio": ratio,
+        "repeats": repeats,
+        "one read of all weights (s)": statistics.median(floor),
+        "pruners": {
+            name: {
+                "time_s": statistics.median(t),
+                "peak_extra_mb": memory[name] / 2**20,
+                "times_slower_than_utils": statistics.median(t) / ours,
+            }
+            for name, t in times.items()
+        },
+    }
 
 
 def _one_read(weights: list[torch.Tensor]) -> float:
@@ -136,17 +166,21 @@ def _one_read(weights: list[torch.Tensor]) -> float:
     return time.perf_counter() - t0
 
 
-def bench_large_inplace(layers: int = 16, width: int = 8192, ratio: float = 0.5, repeats: int = 3) -> dict:
+def bench_large_inplace(
+    layers: int = 16, width: int = 8192, ratio: float = 0.5, repeats: int = 3
+) -> dict:
     """(e): one-shot global pruning in place of ``layers`` Linear(width, width) layers
     (16 x 8192 x 8192 is about a billion weights, 4.3 GB in float32): time against one read
     of all weights, and peak extra memory against the model's bytes.
 
-    The compiled loops (``utils.kernels``) are loaded first and that one-off time is reported
+    The compiled loops (``utils.pruning.kernels``) are loaded first and that one-off time is reported
     on its own: it does not grow with the model (seconds on a machine's first run, which
     compiles them; under one later, from numba's cache)."""
     loading = kernels.warm_up() if kernels.available() else None
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.utils.skip_init(nn.Linear, width, width, bias=False) for _ in range(layers)])
+    model = nn.Sequential(
+        *[nn.utils.skip_init(nn.Linear, width, width, bias=False) for _ in range(layers)]
+    )
     with torch.no_grad():
         for m in model:
             m.weight.uniform_(-1, 1)
@@ -156,39 +190,67 @@ def bench_large_inplace(layers: int = 16, width: int = 8192, ratio: float = 0.5,
     elapsed, extra = peak_extra_rss(lambda: prune_unstructured(model, ratio, inplace=True))
     zeros = sum(int(w.numel() - torch.count_nonzero(w)) for w in weights)
     model_bytes = n * weights[0].element_size()
-    return {"layers": layers, "width": width, "weights": n, "ratio": ratio, "zeros": zeros,
-            "compiled loops": kernels.available() and n >= KERNELS_FROM,
-            "loading the compiled loops (s)": loading,
-            "exact": zeros == round(ratio * n), "model_mb": model_bytes / 2**20,
-            "one read of all weights (s)": read, "time_s": elapsed, "time / one read": elapsed / read,
-            "peak_extra_mb": extra / 2**20, "peak extra / model bytes": extra / model_bytes}
+    return {
+        "layers": layers,
+        "width": width,
+        "weights": n,
+        "ratio": ratio,
+        "zeros": zeros,
+        "compiled loops": kernels.available() and n >= tuning().kernels_from,
+        "loading the compiled loops (s)": loading,
+        "exact": zeros == round(ratio * n),
+        "model_mb": model_bytes / 2**20,
+        "one read of all weights (s)": read,
+        "time_s": elapsed,
+        "time / one read": elapsed / read,
+        "peak_extra_mb": extra / 2**20,
+        "peak extra / model bytes": extra / model_bytes,
+    }
 
 
 def print_large_inplace(r: dict) -> None:
-    print(f"(e) prune_unstructured(inplace=True), global, ratio {r['ratio']}: {r['layers']} x Linear({r['width']}, "
-          f"{r['width']}) = {r['weights']:,} weights, {r['model_mb']:,.0f} MB")
-    print(f"    {r['time_s']:.2f} s = {r['time / one read']:.1f}x one read of all weights "
-          f"({r['one read of all weights (s)'] * 1e3:.0f} ms); peak extra memory {r['peak_extra_mb']:,.0f} MB = "
-          f"{r['peak extra / model bytes']:.3f} of the model; exact count: {r['exact']}")
+    print(
+        f"(e) prune_unstructured(inplace=True), global, ratio {r['ratio']}: {r['layers']} x Linear({r['width']}, "
+        f"{r['width']}) = {r['weights']:,} weights, {r['model_mb']:,.0f} MB"
+    )
+    print(
+        f"    {r['time_s']:.2f} s = {r['time / one read']:.1f}x one read of all weights "
+        f"({r['one read of all weights (s)'] * 1e3:.0f} ms); peak extra memory {r['peak_extra_mb']:,.0f} MB = "
+        f"{r['peak extra / model bytes']:.3f} of the model; exact count: {r['exact']}"
+    )
     if r["compiled loops"]:
-        print(f"    by the compiled loops of utils.kernels; loading them first took "
-              f"{r['loading the compiled loops (s)']:.2f} s (once per process, not timed above)")
+        print(
+            f"    by the compiled loops of utils.pruning.kernels; loading them first took "
+            f"{r['loading the compiled loops (s)']:.2f} s (once per process, not timed above)"
+        )
     else:
-        print("    by eager torch ops (the compiled loops need numba and at least "
-              f"{KERNELS_FROM:,} weights)")
+        print(
+            "    by eager torch ops (the compiled loops need numba and at least "
+            f"{tuning().kernels_from:,} weights)"
+        )
 
 
 def print_prune_speed(result: dict) -> None:
-    print(f"(a) global unstructured pruning of {result['weights']:,} weights at ratio {result['ratio']} "
-          f"(median of {result['repeats']})")
-    print(f"    floor, one read of all weights: {result['one read of all weights (s)'] * 1e3:8.1f} ms")
+    print(
+        f"(a) global unstructured pruning of {result['weights']:,} weights at ratio {result['ratio']} "
+        f"(median of {result['repeats']})"
+    )
+    print(
+        f"    floor, one read of all weights: {result['one read of all weights (s)'] * 1e3:8.1f} ms"
+    )
     for name, row in result["pruners"].items():
-        print(f"    {name:22s} {row['time_s'] * 1e3:8.1f} ms  {row['peak_extra_mb']:8.0f} MB extra  "
-              f"{row['times_slower_than_utils']:6.1f}x utils")
+        print(
+            f"    {name:22s} {row['time_s'] * 1e3:8.1f} ms  {row['peak_extra_mb']:8.0f} MB extra  "
+            f"{row['times_slower_than_utils']:6.1f}x utils"
+        )
 
 
-def bench_structured(width: float = 1.0, batches: tuple[int, ...] = (1, 32), repeats: int = 20,
-                     device: str | torch.device = "cpu") -> list[dict]:
+def bench_structured(
+    width: float = 1.0,
+    batches: tuple[int, ...] = (1, 32),
+    repeats: int = 20,
+    device: str | torch.device = "cpu",
+) -> list[dict]:
     """(b): dense vs masked vs shrunk VGG, half of every hidden layer's channels removed."""
     device = torch.device(device)
     torch.manual_seed(0)
@@ -200,22 +262,39 @@ def bench_structured(width: float = 1.0, batches: tuple[int, ...] = (1, 32), rep
     for batch in batches:
         x = torch.randn(batch, 3, 32, 32)
         macs = count_flops(dense, x) / count_flops(small, x)
-        models = {k: m.to(device) for k, m in {"dense": dense, "masked": masked, "shrunk": small}.items()}
+        models = {
+            k: m.to(device) for k, m in {"dense": dense, "masked": masked, "shrunk": small}.items()
+        }
         xd = x.to(device)
-        t = median_times({k: (lambda m=m: m(xd)) for k, m in models.items()}, repeats, 2, device)
-        rows.append({"device": device.type, "width": width, "batch": batch, "MACs ratio": macs,
-                     "dense ms": t["dense"] * 1e3, "masked ms": t["masked"] * 1e3, "shrunk ms": t["shrunk"] * 1e3,
-                     "latency ratio": t["dense"] / t["shrunk"],
-                     "share of the MACs ratio": t["dense"] / t["shrunk"] / macs})
+        t = median_times(
+            {k: (lambda m=m, xd=xd: m(xd)) for k, m in models.items()}, repeats, 2, device
+        )
+        rows.append(
+            {
+                "device": device.type,
+                "width": width,
+                "batch": batch,
+                "MACs ratio": macs,
+                "dense ms": t["dense"] * 1e3,
+                "masked ms": t["masked"] * 1e3,
+                "shrunk ms": t["shrunk"] * 1e3,
+                "latency ratio": t["dense"] / t["shrunk"],
+                "share of the MACs ratio": t["dense"] / t["shrunk"] / macs,
+            }
+        )
     for m in (dense, masked, small):
         m.to("cpu")
     return rows
 
 
-def bench_sparse_linear(widths: tuple[int, ...] = (1024, 4096), batches: tuple[int, ...] = (1, 64),
-                        sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
-                        repeats: int = 7, device: str | torch.device = "cpu") -> list[dict]:
-    """(c): y = x W^T with W dense, masked (W_orig * mask each call, as the prune hook does) or CSR."""
+def bench_sparse_linear(
+    widths: tuple[int, ...] = (1024, 4096),
+    batches: tuple[int, ...] = (1, 64),
+    sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
+    repeats: int = 7,
+    device: str | torch.device = "cpu",
+) -> list[dict]:
+    """(c): y = x W^T with W dense, masked (original * mask each call, as a mask parametrization does) or CSR."""
     device = torch.device(device)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -228,11 +307,28 @@ def bench_sparse_linear(widths: tuple[int, ...] = (1024, 4096), batches: tuple[i
             csr = to_csr(wm)
             for batch in batches:
                 x = torch.randn(batch, n, generator=g).to(device)
-                t = median_times({"dense": lambda: F.linear(x, wd), "masked": lambda: F.linear(x, wd * md),
-                              "csr": lambda: (csr @ x.t()).t()}, repeats, 2, device)
-                rows.append({"device": device.type, "width": n, "batch": batch, "sparsity": s,
-                             "dense ms": t["dense"] * 1e3, "masked / dense": t["masked"] / t["dense"],
-                             "csr / dense": t["csr"] / t["dense"], "csr bytes / dense bytes": csr_bytes(wm.cpu()) / (4 * n * n)})
+                t = median_times(
+                    {
+                        "dense": lambda x=x, wd=wd: F.linear(x, wd),
+                        "masked": lambda x=x, wd=wd, md=md: F.linear(x, wd * md),
+                        "csr": lambda x=x, csr=csr: (csr @ x.t()).t(),
+                    },
+                    repeats,
+                    2,
+                    device,
+                )
+                rows.append(
+                    {
+                        "device": device.type,
+                        "width": n,
+                        "batch": batch,
+                        "sparsity": s,
+                        "dense ms": t["dense"] * 1e3,
+                        "masked / dense": t["masked"] / t["dense"],
+                        "csr / dense": t["csr"] / t["dense"],
+                        "csr bytes / dense bytes": csr_bytes(wm.cpu()) / (4 * n * n),
+                    }
+                )
     return rows
 
 
@@ -247,14 +343,19 @@ def break_even(rows: list[dict]) -> dict[str, float | None]:
     return out
 
 
-def bench_semi_structured(n: int = 4096, batches: tuple[int, ...] = (64, 1024), repeats: int = 20) -> dict:
+def bench_semi_structured(
+    n: int = 4096, batches: tuple[int, ...] = (64, 1024), repeats: int = 20
+) -> dict:
     """(d): dense fp16 vs 2:4 semi-structured fp16 Linear on a supporting GPU, else why not."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA GPU"}
     major, _ = torch.cuda.get_device_capability()
     if major < 8:
-        return {"skipped": f"2:4 sparse tensor cores need compute capability 8.0+, this GPU has {major}.x"}
+        return {
+            "skipped": f"2:4 sparse tensor cores need compute capability 8.0+, this GPU has {major}.x"
+        }
     from torch.sparse import to_sparse_semi_structured
+
     device = torch.device("cuda")
     w = torch.randn(n, n, device=device, dtype=torch.float16)
     w24 = w * semi_structured_mask(w).to(w.dtype)
@@ -262,25 +363,48 @@ def bench_semi_structured(n: int = 4096, batches: tuple[int, ...] = (64, 1024), 
     rows = []
     for batch in batches:
         x = torch.randn(batch, n, device=device, dtype=torch.float16)
-        t = median_times({"dense": lambda: F.linear(x, w24), "2:4": lambda: F.linear(x, sparse)}, repeats, 2, device)
-        rows.append({"batch": batch, "dense ms": t["dense"] * 1e3, "2:4 ms": t["2:4"] * 1e3, "speedup": t["dense"] / t["2:4"],
-                     "max abs difference": float((F.linear(x, w24) - F.linear(x, sparse)).abs().max())})
+        t = median_times(
+            {"dense": lambda x=x: F.linear(x, w24), "2:4": lambda x=x: F.linear(x, sparse)},
+            repeats,
+            2,
+            device,
+        )
+        rows.append(
+            {
+                "batch": batch,
+                "dense ms": t["dense"] * 1e3,
+                "2:4 ms": t["2:4"] * 1e3,
+                "speedup": t["dense"] / t["2:4"],
+                "max abs difference": float((F.linear(x, w24) - F.linear(x, sparse)).abs().max()),
+            }
+        )
     return {"gpu": torch.cuda.get_device_name(0), "width": n, "rows": rows}
 
 
 def _print_rows(title: str, rows: list[dict]) -> None:
     import pandas as pd
+
     print(title)
     print(pd.DataFrame(rows).round(3).to_string(index=False))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small models, few repeats (for tests)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small models, few repeats (for tests)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--only", default="abcde", help="which parts to run, e.g. 'bc' (default: abcde)")
-    parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats of (a)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--only", default="abcde", help="which parts to run, e.g. 'bc' (default: abcde)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="override the number of repeats of (a)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -293,35 +417,58 @@ def main(argv: list[str] | None = None) -> dict:
             model, repeats = VGG(width=0.25), args.repeats or 1
         else:
             from torchvision.models import resnet50
+
             model, repeats = resnet50(weights=None), args.repeats or 5
         results["prune_speed"] = bench_prune_speed(model, repeats=repeats)
         print_prune_speed(results["prune_speed"])
     if "b" in args.only:
-        results["structured"] = [r for width in ((0.25,) if q else (1.0, 2.0))
-                                 for r in bench_structured(width, (1, 2) if q else (1, 32), 2 if q else 20)]
-        _print_rows("(b) VGG, half the channels cut out (ratios: dense / shrunk)", results["structured"])
+        results["structured"] = [
+            r
+            for width in ((0.25,) if q else (1.0, 2.0))
+            for r in bench_structured(width, (1, 2) if q else (1, 32), 2 if q else 20)
+        ]
+        _print_rows(
+            "(b) VGG, half the channels cut out (ratios: dense / shrunk)", results["structured"]
+        )
     if "c" in args.only:
-        results["sparse_linear"] = bench_sparse_linear((256,) if q else (1024, 4096), (1, 8) if q else (1, 64),
-                                                       (0.5, 0.99) if q else (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
-                                                       2 if q else 7)
+        results["sparse_linear"] = bench_sparse_linear(
+            (256,) if q else (1024, 4096),
+            (1, 8) if q else (1, 64),
+            (0.5, 0.99) if q else (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
+            2 if q else 7,
+        )
         results["break_even"] = break_even(results["sparse_linear"])
         _print_rows("(c) Linear layer, dense vs masked vs CSR", results["sparse_linear"])
         print("    CSR breaks even at sparsity:", results["break_even"])
     if "d" in args.only:
         if torch.cuda.is_available():
-            results["gpu_structured"] = bench_structured(0.25 if q else 1.0, (1, 32), 3 if q else 50, device="cuda")
-            results["gpu_sparse_linear"] = bench_sparse_linear((1024,) if q else (1024, 4096), (1, 64),
-                                                               (0.5, 0.9, 0.99), 3 if q else 20, device="cuda")
+            results["gpu_structured"] = bench_structured(
+                0.25 if q else 1.0, (1, 32), 3 if q else 50, device="cuda"
+            )
+            results["gpu_sparse_linear"] = bench_sparse_linear(
+                (1024,) if q else (1024, 4096),
+                (1, 64),
+                (0.5, 0.9, 0.99),
+                3 if q else 20,
+                device="cuda",
+            )
             results["gpu_break_even"] = break_even(results["gpu_sparse_linear"])
             _print_rows("(d) GPU: VGG, half the channels cut out", results["gpu_structured"])
-            _print_rows("(d) GPU: Linear layer, dense vs masked vs CSR", results["gpu_sparse_linear"])
+            _print_rows(
+                "(d) GPU: Linear layer, dense vs masked vs CSR", results["gpu_sparse_linear"]
+            )
         results["semi_structured"] = bench_semi_structured(1024 if q else 4096)
         if "skipped" in results["semi_structured"]:
             print(f"(d) GPU part skipped: {results['semi_structured']['skipped']}")
         else:
-            _print_rows(f"(d) 2:4 on {results['semi_structured']['gpu']}", results["semi_structured"]["rows"])
+            _print_rows(
+                f"(d) 2:4 on {results['semi_structured']['gpu']}",
+                results["semi_structured"]["rows"],
+            )
     if "e" in args.only:
-        results["large_inplace"] = bench_large_inplace(*((4, 256) if q else (16, 8192)), repeats=1 if q else 3)
+        results["large_inplace"] = bench_large_inplace(
+            *((4, 256) if q else (16, 8192)), repeats=1 if q else 3
+        )
         print_large_inplace(results["large_inplace"])
     if args.json:
         with open(args.json, "w") as f:

@@ -1,25 +1,28 @@
-"""One-shot pruning of transformer LMs: magnitude, Wanda, SparseGPT, N:M, heads and neurons.
+"""One-shot pruning of transformer LMs: magnitude, Wanda, SparseGPT, N:M.
 
 Unstructured and N:M pruning compare weights within a group: one output row (``sparsity``) or
 every ``m`` consecutive inputs of a row (``nm=(n, m)``: keep ``n`` of ``m``). Counts are exact
-per group, ties go to the earliest input, and masks are installed with the reparametrization of
-:mod:`utils.pruning`, so fine-tuning cannot revive a pruned weight. Every public function
+per group, ties go to the earliest input, and masks are installed as parametrizations
+(:mod:`utils.pruning.masks`), so fine-tuning cannot revive a pruned weight. Every public function
 checks its arguments and computes everything on a copy first: a bad call raises and leaves
 the model unchanged.
 """
+
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.lm import CharLM, lm_loss
-from utils.pruning import (_apply_mask, clone_model, effective_weight, select_layers,
-                           semi_structured_mask)
+from utils.pruning import masks
+from utils.pruning.magnitude import (
+    check_share,
+    clone_model,
+    select_layers,
+    semi_structured_mask,
+)
+from utils.pruning.modes import eval_mode
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 
@@ -86,8 +89,13 @@ class _Enough(Exception):
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, layers: dict[str, nn.Module], calibration: Tensor,
-                   batch_size: int = 16, stop_early: bool = False) -> dict[str, InputStats]:
+def capture_inputs(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    calibration: Tensor,
+    batch_size: int = 16,
+    stop_early: bool = False,
+) -> dict[str, InputStats]:
     """Run ``model`` on ``calibration`` (rows = samples); collect each layer's input statistics.
 
     With ``stop_early`` each forward pass is cut short once every layer has run (right for
@@ -102,31 +110,35 @@ def capture_inputs(model: nn.Module, layers: dict[str, nn.Module], calibration: 
             seen.add(name)
             if stop_early and len(seen) == len(layers):
                 raise _Enough
+
         return hook
 
     for name, m in layers.items():
         stats[name] = InputStats(m.in_features, device)
         handles.append(m.register_forward_hook(record(name)))
-    was_training = model.training
-    model.eval()
     try:
-        for i in range(0, len(calibration), batch_size):
-            seen.clear()
-            try:
-                model(calibration[i:i + batch_size].to(device))
-            except _Enough:
-                pass
+        with eval_mode(model):
+            for i in range(0, len(calibration), batch_size):
+                seen.clear()
+                try:
+                    model(calibration[i : i + batch_size].to(device))
+                except _Enough:
+                    pass
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return stats
 
 
 # ----------------------------------------------------------------------------- SparseGPT
-def sparsegpt_layer(weight: Tensor, stats: InputStats, sparsity: float | None = None,
-                    nm: tuple[int, int] | None = None, damp: float = 0.01,
-                    blocksize: int = 128) -> tuple[Tensor, Tensor]:
+def sparsegpt_layer(
+    weight: Tensor,
+    stats: InputStats,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    damp: float = 0.01,
+    blocksize: int = 128,
+) -> tuple[Tensor, Tensor]:
     """SparseGPT (Frantar and Alistarh 2023) for one Linear: returns (new weight, keep mask).
 
     Columns are processed left to right; each pruned weight's error is spread over the columns
@@ -158,8 +170,10 @@ def sparsegpt_layer(weight: Tensor, stats: InputStats, sparsity: float | None = 
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError as e:
-        raise ValueError(f"SparseGPT: the damped Hessian is not positive definite (damp={damp}); "
-                         "try a larger damp, e.g. 0.1, or more calibration data") from e
+        raise ValueError(
+            f"SparseGPT: the damped Hessian is not positive definite (damp={damp}); "
+            "try a larger damp, e.g. 0.1, or more calibration data"
+        ) from e
     keep = torch.ones_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -167,14 +181,14 @@ def sparsegpt_layer(weight: Tensor, stats: InputStats, sparsity: float | None = 
         d, err = h1.diagonal(), torch.zeros_like(w1)
         if nm is None:
             k = round(sparsity * i2) - round(sparsity * i1)
-            keep[:, i1:i2] = _prune_per_row(w1 ** 2 / d ** 2, k)
+            keep[:, i1:i2] = _prune_per_row(w1**2 / d**2, k)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
-                keep[:, i1 + i:i1 + i + nm[1]] = nm_mask(w1[:, g] ** 2 / d[g] ** 2, *nm)
+                keep[:, i1 + i : i1 + i + nm[1]] = nm_mask(w1[:, g] ** 2 / d[g] ** 2, *nm)
             q = w1[:, i] * keep[:, i1 + i]
             err[:, i] = (w1[:, i] - q) / d[i]
-            w1[:, i:] -= err[:, i:i + 1] * h1[i:i + 1, i:]
+            w1[:, i:] -= err[:, i : i + 1] * h1[i : i + 1, i:]
             w1[:, i] = q
         w[:, i1:i2] = w1
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
@@ -182,18 +196,16 @@ def sparsegpt_layer(weight: Tensor, stats: InputStats, sparsity: float | None = 
 
 
 # ----------------------------------------------------------------------------- one-shot pruning
-def _check_sparsity(s: object, what: str = "sparsity") -> float:
-    if isinstance(s, bool) or not isinstance(s, numbers.Real) or math.isnan(s) or not 0 <= s < 1:
-        raise ValueError(f"{what} must be a number in [0, 1), got {s!r}")
-    return float(s)
-
-
 def _check_nm(nm: object) -> tuple[int, int]:
-    ints = isinstance(nm, Sequence) and len(nm) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in nm)
+    ints = (
+        isinstance(nm, Sequence)
+        and len(nm) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in nm)
+    )
     if not ints or not 0 < nm[0] <= nm[1]:
-        raise ValueError(f"nm must be (n, m) with integers 0 < n <= m (keep n of every m), "
-                         f"got {nm!r}")
+        raise ValueError(
+            f"nm must be (n, m) with integers 0 < n <= m (keep n of every m), got {nm!r}"
+        )
     return int(nm[0]), int(nm[1])
 
 
@@ -213,9 +225,14 @@ def _groups(names: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _validate(model: nn.Module, sparsity: object, criterion: str, calibration: object,
-              nm: object, layers: Iterable[str] | None
-              ) -> tuple[dict[str, float | None], tuple[int, int] | None]:
+def _validate(
+    model: nn.Module,
+    sparsity: object,
+    criterion: str,
+    calibration: object,
+    nm: object,
+    layers: Iterable[str] | None,
+) -> tuple[dict[str, float | None], tuple[int, int] | None]:
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if (sparsity is None) == (nm is None):
@@ -232,25 +249,31 @@ def _validate(model: nn.Module, sparsity: object, criterion: str, calibration: o
         m = modules[n]
         if not isinstance(m, nn.Linear):
             raise ValueError(f"layer {n!r} is a {type(m).__name__}; only Linear layers are pruned")
-        if hasattr(m, "weight_orig"):
+        if masks.is_masked(m):
             raise ValueError(f"layer {n!r} is already pruned; one-shot methods start dense")
         if not torch.isfinite(m.weight).all():
             raise ValueError(f"layer {n!r} has NaN or infinite weights")
         if nm is not None and m.in_features % nm[1]:
             raise ValueError(f"layer {n!r} has {m.in_features} inputs, not a multiple of m={nm[1]}")
         s = sparsity.get(n) if isinstance(sparsity, dict) else sparsity
-        plan[n] = None if nm is not None else _check_sparsity(s, f"sparsity of {n!r}")
+        plan[n] = None if nm is not None else check_share(s, f"sparsity of {n!r}", one=False)
     if criterion != "magnitude":
         if not isinstance(calibration, Tensor) or calibration.dim() < 1 or len(calibration) == 0:
-            raise ValueError(f"criterion {criterion!r} needs calibration= "
-                             "(a non-empty tensor of model inputs)")
+            raise ValueError(
+                f"criterion {criterion!r} needs calibration= (a non-empty tensor of model inputs)"
+            )
     return plan, nm
 
 
-def prune_llm(model: nn.Module, sparsity: float | dict[str, float] | None = None,
-              criterion: str = "wanda",
-              calibration: Tensor | None = None, nm: tuple[int, int] | None = None,
-              layers: Iterable[str] | None = None, damp: float = 0.01) -> dict[str, Tensor]:
+def prune_llm(
+    model: nn.Module,
+    sparsity: float | dict[str, float] | None = None,
+    criterion: str = "wanda",
+    calibration: Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+    layers: Iterable[str] | None = None,
+    damp: float = 0.01,
+) -> dict[str, Tensor]:
     """One-shot pruning of Linear layers without retraining; returns keep masks by layer.
 
     ``criterion``: ``"magnitude"`` (|W|), ``"wanda"`` (|W| * ||X_j||) or ``"sparsegpt"`` (OBS
@@ -264,16 +287,26 @@ def prune_llm(model: nn.Module, sparsity: float | dict[str, float] | None = None
     wmods, results = dict(work.named_modules()), {}
     with torch.no_grad():
         for group in _groups(list(plan)):
-            stats = ({} if criterion == "magnitude"
-                     else capture_inputs(work, {n: wmods[n] for n in group}, calibration,
-                                        stop_early=group[0].startswith("blocks.")))
+            stats = (
+                {}
+                if criterion == "magnitude"
+                else capture_inputs(
+                    work,
+                    {n: wmods[n] for n in group},
+                    calibration,
+                    stop_early=group[0].startswith("blocks."),
+                )
+            )
             for n in group:
                 w = wmods[n].weight
                 if criterion == "sparsegpt":
                     new, keep = sparsegpt_layer(w, stats[n], plan[n], nm, damp)
                 else:
-                    scores = (w.float().abs() if criterion == "magnitude"
-                              else wanda_scores(w, stats[n].norms))
+                    scores = (
+                        w.float().abs()
+                        if criterion == "magnitude"
+                        else wanda_scores(w, stats[n].norms)
+                    )
                     keep = nm_mask(scores, *nm) if nm is not None else row_mask(scores, plan[n])
                     new = w.detach()
                 results[n] = (new.clone(), keep)
@@ -283,34 +316,47 @@ def prune_llm(model: nn.Module, sparsity: float | dict[str, float] | None = None
         modules = dict(model.named_modules())
         for n, (new, keep) in results.items():
             modules[n].weight.copy_(new)
-            _apply_mask(modules[n], "weight", keep)
+            masks.set_mask(modules[n], "weight", keep)
     return {n: keep for n, (_, keep) in results.items()}
 
 
-def prune_magnitude(model: nn.Module, sparsity: float | dict | None = None,
-                    nm: tuple[int, int] | None = None,
-                    layers: Iterable[str] | None = None) -> dict[str, Tensor]:
+def prune_magnitude(
+    model: nn.Module,
+    sparsity: float | dict | None = None,
+    nm: tuple[int, int] | None = None,
+    layers: Iterable[str] | None = None,
+) -> dict[str, Tensor]:
     """``prune_llm`` with ``|W|`` per output row (or per group of ``m`` inputs)."""
     return prune_llm(model, sparsity, "magnitude", None, nm, layers)
 
 
-def prune_wanda(model: nn.Module, calibration: Tensor, sparsity: float | dict | None = None,
-                nm: tuple[int, int] | None = None,
-                layers: Iterable[str] | None = None) -> dict[str, Tensor]:
+def prune_wanda(
+    model: nn.Module,
+    calibration: Tensor,
+    sparsity: float | dict | None = None,
+    nm: tuple[int, int] | None = None,
+    layers: Iterable[str] | None = None,
+) -> dict[str, Tensor]:
     """``prune_llm`` with Wanda's ``|W| * ||X_j||`` (Sun et al. 2023)."""
     return prune_llm(model, sparsity, "wanda", calibration, nm, layers)
 
 
-def prune_sparsegpt(model: nn.Module, calibration: Tensor, sparsity: float | dict | None = None,
-                    nm: tuple[int, int] | None = None, layers: Iterable[str] | None = None,
-                    damp: float = 0.01) -> dict[str, Tensor]:
+def prune_sparsegpt(
+    model: nn.Module,
+    calibration: Tensor,
+    sparsity: float | dict | None = None,
+    nm: tuple[int, int] | None = None,
+    layers: Iterable[str] | None = None,
+    damp: float = 0.01,
+) -> dict[str, Tensor]:
     """``prune_llm`` with SparseGPT's reconstruction (Frantar and Alistarh 2023)."""
     return prune_llm(model, sparsity, "sparsegpt", calibration, nm, layers, damp)
 
 
 @torch.no_grad()
-def rescale_inputs(norm: nn.LayerNorm, linears: Sequence[nn.Linear], channels: Sequence[int],
-                   factor: float) -> None:
+def rescale_inputs(
+    norm: nn.LayerNorm, linears: Sequence[nn.Linear], channels: Sequence[int], factor: float
+) -> None:
     """Multiply channels of a LayerNorm's gain and bias by ``factor`` and divide the same input
     columns of the Linears it feeds: the network computes the same function, but those inputs
     become large and their weights small (the outlier features of large LLMs). The LayerNorm
@@ -322,161 +368,10 @@ def rescale_inputs(norm: nn.LayerNorm, linears: Sequence[nn.Linear], channels: S
     idx = torch.as_tensor(list(channels), dtype=torch.long)
     if len(idx) and (idx.min() < 0 or idx.max() >= norm.normalized_shape[-1]):
         raise ValueError(f"channels must lie in [0, {norm.normalized_shape[-1]})")
-    if any(hasattr(lin, "weight_orig") for lin in linears):
+    if any(masks.is_masked(lin) for lin in linears):
         raise ValueError("rescale before pruning: a Linear is already pruned")
     norm.weight[idx] *= factor
     if norm.bias is not None:
         norm.bias[idx] *= factor
     for lin in linears:
         lin.weight[:, idx] /= factor
-
-
-# ----------------------------------------------------------------------------- heads, MLP neurons
-def _head_slices(attn: nn.Module) -> list[slice]:
-    return [slice(h * attn.head_dim, (h + 1) * attn.head_dim) for h in range(attn.n_heads)]
-
-
-@torch.no_grad()
-def l2_scores(model: CharLM) -> dict[str, list[Tensor]]:
-    """L2 norm of all weights that belong to each head (its q, k, v rows, its o columns) and to
-    each MLP neuron (its fc1 row, its fc2 column), per block."""
-    heads, neurons = [], []
-    for b in model.blocks:
-        a = b.attn
-        q, k, v, o = (effective_weight(m).float() for m in (a.q, a.k, a.v, a.o))
-        heads.append(torch.stack([(q[s].square().sum() + k[s].square().sum() + v[s].square().sum()
-                                   + o[:, s].square().sum()).sqrt() for s in _head_slices(a)]))
-        f1, f2 = effective_weight(b.fc1).float(), effective_weight(b.fc2).float()
-        neurons.append((f1.square().sum(1) + f2.square().sum(0)).sqrt())
-    return {"heads": heads, "neurons": neurons}
-
-
-def taylor_scores(model: CharLM, inputs: Tensor, targets: Tensor,
-                  batch_size: int = 8) -> dict[str, list[Tensor]]:
-    """First-order (Taylor) importance: the mean over batches of ``|dL/dg|`` for a gate ``g = 1``
-    on each head's output and each MLP neuron (after Michel et al. 2019 and Molchanov et al.
-    2017), the loss change predicted if the unit were removed. Read off the inputs of ``o`` and
-    ``fc2`` and their gradients; no gradient is left on the model's parameters.
-
-    A simplification: ``|.|`` is taken of the gate gradient of a whole batch of ``batch_size``
-    windows (the loss is the batch mean), then averaged over batches. Michel et al. average the
-    absolute value per example, which never lets examples of opposite sign cancel; with
-    ``batch_size=1`` this function does that."""
-    device = next(model.parameters()).device
-    seen: dict[nn.Module, Tensor] = {}
-
-    def keep_input(mod: nn.Module, inp: tuple) -> None:
-        inp[0].retain_grad()
-        seen[mod] = inp[0]
-
-    taps = [m for b in model.blocks for m in (b.attn.o, b.fc2)]
-    handles = [m.register_forward_pre_hook(keep_input) for m in taps]
-    heads = [torch.zeros(b.attn.n_heads, device=device) for b in model.blocks]
-    neurons = [torch.zeros(b.fc1.out_features, device=device) for b in model.blocks]
-    was_training, batches = model.training, 0
-    model.eval()
-    try:
-        for i in range(0, len(inputs), batch_size):
-            model.zero_grad(set_to_none=True)
-            xb, yb = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
-            lm_loss(model, xb, yb).backward()
-            for j, b in enumerate(model.blocks):
-                gate = {m: (seen[m].detach() * seen[m].grad).float().sum(dim=(0, 1))
-                        for m in (b.attn.o, b.fc2)}
-                heads[j] += gate[b.attn.o].view(-1, b.attn.head_dim).sum(1).abs()
-                neurons[j] += gate[b.fc2].abs()
-            batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return {"heads": [h / batches for h in heads], "neurons": [n / batches for n in neurons]}
-
-
-def _check_unit_scores(model: CharLM, scores: dict[str, list[Tensor]]) -> None:
-    if not isinstance(scores, dict) or set(scores) != {"heads", "neurons"}:
-        raise ValueError("scores must be a dict with 'heads' and 'neurons' "
-                         "(see l2_scores, taylor_scores)")
-    for j, b in enumerate(model.blocks):
-        for kind, n in (("heads", b.attn.n_heads), ("neurons", b.fc1.out_features)):
-            s = scores[kind][j]
-            if s.shape != (n,) or not torch.isfinite(s).all():
-                raise ValueError(f"scores[{kind!r}][{j}] must be {n} finite numbers, "
-                                 f"got shape {tuple(s.shape)}")
-
-
-def prune_units(model: CharLM, head_ratio: float, neuron_ratio: float,
-                scores: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
-    """Mask the lowest-scoring heads and MLP neurons of every block: exactly ``round(ratio * n)``
-    per block (never the last one), ties to the earliest. A head is masked in q, k, v (rows and
-    biases) and o (columns); a neuron in fc1 (row, bias) and fc2 (column). Returns the keep
-    masks per block ({"heads": [...], "neurons": [...]})."""
-    hr = _check_sparsity(head_ratio, "head_ratio")
-    nr = _check_sparsity(neuron_ratio, "neuron_ratio")
-    _check_unit_scores(model, scores)
-    keep = {kind: [_prune_per_row(s.detach().float().cpu()[None],
-                                  min(round(r * len(s)), len(s) - 1))[0] for s in scores[kind]]
-            for kind, r in (("heads", hr), ("neurons", nr))}
-    with torch.no_grad():
-        for b, kh, kn in zip(model.blocks, keep["heads"], keep["neurons"]):
-            device = next(b.parameters()).device
-            rows, kn = kh.repeat_interleave(b.attn.head_dim).to(device), kn.to(device)
-            for lin in (b.attn.q, b.attn.k, b.attn.v):
-                _mask_rows(lin, rows)
-            _mask_columns(b.attn.o, rows)
-            _mask_rows(b.fc1, kn)
-            _mask_columns(b.fc2, kn)
-    return keep
-
-
-def _mask_rows(lin: nn.Linear, keep_rows: Tensor) -> None:
-    full = keep_rows[:, None].expand(lin.out_features, lin.in_features)
-    for name, keep in (("weight", full), ("bias", keep_rows)):
-        old = getattr(lin, name + "_mask", None)
-        _apply_mask(lin, name, keep.clone() if old is None else keep & old.bool())
-
-
-def _mask_columns(lin: nn.Linear, keep_cols: Tensor) -> None:
-    old = getattr(lin, "weight_mask", None)
-    keep = keep_cols[None, :].expand(lin.out_features, lin.in_features).clone()
-    _apply_mask(lin, "weight", keep if old is None else keep & old.bool())
-
-
-@torch.no_grad()
-def shrink_lm(model: CharLM) -> CharLM:
-    """A smaller dense copy of a masked ``CharLM``: heads whose ``o`` columns are all masked and
-    MLP neurons whose ``fc2`` column is masked are cut out (at least one of each stays per block),
-    so the copy has fewer heads and narrower MLPs and computes the same outputs."""
-    def alive(lin: nn.Linear, groups: int) -> Tensor:
-        mask = getattr(lin, "weight_mask", None)
-        if mask is None:
-            return torch.ones(groups, dtype=torch.bool, device=lin.weight.device)
-        a = (mask != 0).any(dim=0).view(groups, -1).any(dim=1)
-        if not a.any():
-            a[0] = True
-        return a
-
-    heads = [alive(b.attn.o, b.attn.n_heads) for b in model.blocks]
-    neurons = [alive(b.fc2, b.fc2.in_features) for b in model.blocks]
-    cfg = model.config() | {"n_heads": [int(h.sum()) for h in heads],
-                            "d_ff": [int(n.sum()) for n in neurons]}
-    small = CharLM(**cfg)
-    state = {}
-    for name, m in model.named_modules():
-        for t in ("weight", "bias"):
-            if isinstance(getattr(m, t, None), Tensor) or hasattr(m, t + "_orig"):
-                state[f"{name}.{t}" if name else t] = effective_weight(m, t).clone()
-    for j, (h, n) in enumerate(zip(heads, neurons)):
-        rows = h.repeat_interleave(model.head_dim)
-        for p in ("q", "k", "v"):
-            for t in ("weight", "bias"):
-                key = f"blocks.{j}.attn.{p}.{t}"
-                state[key] = state[key][rows]
-        state[f"blocks.{j}.attn.o.weight"] = state[f"blocks.{j}.attn.o.weight"][:, rows]
-        state[f"blocks.{j}.fc1.weight"] = state[f"blocks.{j}.fc1.weight"][n]
-        state[f"blocks.{j}.fc1.bias"] = state[f"blocks.{j}.fc1.bias"][n]
-        state[f"blocks.{j}.fc2.weight"] = state[f"blocks.{j}.fc2.weight"][:, n]
-    small.load_state_dict(state)
-    p = next(model.parameters())
-    return small.to(device=p.device, dtype=p.dtype).eval()

@@ -3,6 +3,7 @@
 The text ships inside the package (``utils/data_files``), so a chapter runs on Colab from the
 installed package alone. Everything is deterministic for a given seed on a CPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,6 +15,8 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from utils.pruning.modes import eval_mode
 
 TEXTS = {"tinyshakespeare": "tinyshakespeare.txt"}
 
@@ -56,8 +59,9 @@ def char_data(name: str = "tinyshakespeare", val_fraction: float = 0.1) -> CharD
     return CharData(vocab, ids[:cut], ids[cut:])
 
 
-def random_windows(tokens: Tensor, batch_size: int, context: int,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def random_windows(
+    tokens: Tensor, batch_size: int, context: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """``batch_size`` random windows: inputs ``(B, context)`` and the next-character targets."""
     if len(tokens) <= context:
         raise ValueError(f"need more than context={context} tokens, got {len(tokens)}")
@@ -84,8 +88,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = (f(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-                   for f in (self.q, self.k, self.v))
+        q, k, v = (
+            f(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            for f in (self.q, self.k, self.v)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -106,10 +112,12 @@ class Block(nn.Module):
 
 def _per_layer(value: int | Sequence[int], n_layers: int, what: str) -> list[int]:
     values = [value] * n_layers if isinstance(value, numbers.Integral) else list(value)
-    if len(values) != n_layers or not all(isinstance(v, numbers.Integral) and v >= 1
-                                          for v in values):
-        raise ValueError(f"{what} must be a positive int or {n_layers} positive ints, "
-                         f"got {value!r}")
+    if len(values) != n_layers or not all(
+        isinstance(v, numbers.Integral) and v >= 1 for v in values
+    ):
+        raise ValueError(
+            f"{what} must be a positive int or {n_layers} positive ints, got {value!r}"
+        )
     return [int(v) for v in values]
 
 
@@ -120,21 +128,31 @@ class CharLM(nn.Module):
     pruning has different numbers of heads and MLP neurons in each block.
     """
 
-    def __init__(self, vocab_size: int, d_model: int = 128, n_layers: int = 4,
-                 n_heads: int | Sequence[int] = 4, d_ff: int | Sequence[int] = 512,
-                 context: int = 128, head_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int | Sequence[int] = 4,
+        d_ff: int | Sequence[int] = 512,
+        context: int = 128,
+        head_dim: int | None = None,
+    ) -> None:
         super().__init__()
         heads = _per_layer(n_heads, n_layers, "n_heads")
         if head_dim is None:
             if d_model % heads[0]:
-                raise ValueError(f"d_model={d_model} is not a multiple of n_heads={heads[0]}; "
-                                 "give head_dim")
+                raise ValueError(
+                    f"d_model={d_model} is not a multiple of n_heads={heads[0]}; give head_dim"
+                )
             head_dim = d_model // heads[0]
         self.context, self.head_dim = context, head_dim
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(context, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, h, head_dim, f)
-                                    for h, f in zip(heads, _per_layer(d_ff, n_layers, "d_ff")))
+        self.blocks = nn.ModuleList(
+            Block(d_model, h, head_dim, f)
+            for h, f in zip(heads, _per_layer(d_ff, n_layers, "d_ff"))
+        )
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
         self.apply(self._init)
@@ -151,16 +169,23 @@ class CharLM(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments that rebuild this architecture (per-block heads and widths)."""
-        return {"vocab_size": self.tok.num_embeddings, "d_model": self.tok.embedding_dim,
-                "n_layers": len(self.blocks), "n_heads": [b.attn.n_heads for b in self.blocks],
-                "d_ff": [b.fc1.out_features for b in self.blocks],
-                "context": self.context, "head_dim": self.head_dim}
+        return {
+            "vocab_size": self.tok.num_embeddings,
+            "d_model": self.tok.embedding_dim,
+            "n_layers": len(self.blocks),
+            "n_heads": [b.attn.n_heads for b in self.blocks],
+            "d_ff": [b.fc1.out_features for b in self.blocks],
+            "context": self.context,
+            "head_dim": self.head_dim,
+        }
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits ``(B, T, vocab)`` for token ids ``(B, T)``, ``T <= context``."""
         if idx.dim() != 2 or idx.shape[1] > self.context:
-            raise ValueError(f"expected token ids (batch, T) with T <= context = {self.context}, "
-                             f"got shape {tuple(idx.shape)}")
+            raise ValueError(
+                f"expected token ids (batch, T) with T <= context = {self.context}, "
+                f"got shape {tuple(idx.shape)}"
+            )
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for b in self.blocks:
             x = b(x)
@@ -174,9 +199,17 @@ def lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
 
-def train_lm(model: CharLM, tokens: Tensor, steps: int, batch_size: int = 32, lr: float = 3e-3,
-             warmup: int = 30, weight_decay: float = 0.01, seed: int = 0,
-             device: torch.device | str | None = None) -> list[float]:
+def train_lm(
+    model: CharLM,
+    tokens: Tensor,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    warmup: int = 30,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> list[float]:
     """AdamW with linear warm-up and cosine decay to 10 % of ``lr``; returns the loss of each step.
 
     Windows are drawn with their own generator seeded by ``seed``, so the same seed and the same
@@ -210,42 +243,43 @@ def train_lm(model: CharLM, tokens: Tensor, steps: int, batch_size: int = 32, lr
     return losses
 
 
-def eval_windows(tokens: Tensor, context: int,
-                 max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+def eval_windows(
+    tokens: Tensor, context: int, max_tokens: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Consecutive non-overlapping windows of ``tokens`` (the first ``max_tokens`` + 1 of them)."""
     n = len(tokens) - 1 if max_tokens is None else min(max_tokens, len(tokens) - 1)
     n -= n % context
     if n == 0:
         raise ValueError(f"need more than context={context} tokens to evaluate, got {len(tokens)}")
-    return tokens[:n].view(-1, context), tokens[1:n + 1].view(-1, context)
+    return tokens[:n].view(-1, context), tokens[1 : n + 1].view(-1, context)
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokens: Tensor, max_tokens: int | None = None,
-               batch_size: int = 64) -> float:
+def perplexity(
+    model: nn.Module, tokens: Tensor, max_tokens: int | None = None, batch_size: int = 64
+) -> float:
     """exp(mean cross-entropy) over consecutive windows of the model's context length."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     x, y = eval_windows(tokens, model.context, max_tokens)
     total = 0.0
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        total += lm_loss(model, xb, yb).item() * yb.numel()
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+            total += lm_loss(model, xb, yb).item() * yb.numel()
     return math.exp(total / y.numel())
 
 
 @torch.no_grad()
-def generate(model: CharLM, prompt: Tensor, n: int, temperature: float = 0.8,
-             seed: int = 0) -> Tensor:
+def generate(
+    model: CharLM, prompt: Tensor, n: int, temperature: float = 0.8, seed: int = 0
+) -> Tensor:
     """Sample ``n`` characters after ``prompt`` (1-D ids); returns prompt and sample together."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     ids = prompt.clone().cpu()
     model.eval()
     for _ in range(n):
-        logits = model(ids[-model.context:][None].to(device))[0, -1].float().cpu()
+        logits = model(ids[-model.context :][None].to(device))[0, -1].float().cpu()
         nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
         ids = torch.cat([ids, nxt])
     return ids

@@ -7,25 +7,29 @@ typed-in numbers. Three rules make the checks hard to fool:
 
 - a function that returns ``None`` or raises never passes a case (no case expects ``None``);
 - while the reader's function runs, the ``utils`` functions that the exercise asks the reader
-  to write are blocked (calling them raises and fails the case);
+  to write are blocked for the reader's code (calling them raises and fails the case; the
+  library itself is not changed, see :func:`forbidden`);
 - design and experiment exercises are judged by measuring the reader's result (sparsity, MACs,
   bytes, accuracy on a held-out set) against a stated tolerance.
 
 A FAIL line says in words what was expected and what came back.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from utils import energy, measure, pruning, surgery
-from utils.pruning import smallest_k
+from utils import pruning
+from utils.lab import energy, measure
+from utils.pruning import smallest_k, surgery
 
 Judge = Callable[[Any], "str | None"]
 
@@ -57,10 +61,24 @@ def _compare(got: Any, want: Any, atol: float) -> str | None:
             return f"expected shape {tuple(want.shape)}, got shape {tuple(got.shape)}"
         if want.dtype == torch.bool:
             wrong = int((got.bool() != want).sum())
-            return None if wrong == 0 else f"{wrong} of {want.numel()} entries differ from the expected mask"
-        if got.is_complex() or not torch.allclose(got.detach().double(), want.double(), atol=atol, rtol=0):
-            worst = float((got.detach().double() - want.double()).abs().max()) if not got.is_complex() else math.inf
-            shown = f": expected {[round(v, 6) for v in want.tolist()]}" if want.dim() == 1 and len(want) <= 8 else ""
+            return (
+                None
+                if wrong == 0
+                else f"{wrong} of {want.numel()} entries differ from the expected mask"
+            )
+        if got.is_complex() or not torch.allclose(
+            got.detach().double(), want.double(), atol=atol, rtol=0
+        ):
+            worst = (
+                float((got.detach().double() - want.double()).abs().max())
+                if not got.is_complex()
+                else math.inf
+            )
+            shown = (
+                f": expected {[round(v, 6) for v in want.tolist()]}"
+                if want.dim() == 1 and len(want) <= 8
+                else ""
+            )
             return f"values differ from the expected ones by up to {worst:.3g} (tolerance {atol:g}){shown}"
         return None
     if isinstance(want, float):
@@ -89,33 +107,122 @@ def _unwrap(out: Any) -> Any:
     return _Reason(out) if isinstance(out, str) else out
 
 
-def _same(got: Any, want: Any, atol: float) -> bool:
-    """True when ``got`` matches ``want`` (kept for other check modules)."""
-    return _compare(got, want, atol) is None
+def _blocker(f: Callable) -> Callable:
+    def blocked(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"this exercise asks you to write it yourself: calling the book's {f.__name__}() "
+            "is not allowed here"
+        )
+
+    blocked.__name__ = f.__name__
+    return blocked
+
+
+class _BlockingModule(types.ModuleType):
+    """A stand-in for one of the book's modules, seen only by the reader's code: attribute by
+    attribute the module itself, except that the forbidden functions raise."""
+
+    def __init__(self, module: types.ModuleType, banned: dict[int, Callable]) -> None:
+        super().__init__(module.__name__)
+        self.__dict__["_module"], self.__dict__["_banned"] = module, banned
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.__dict__["_module"], name)
+        return _shadow(value, self.__dict__["_banned"])
+
+
+def _shadow(value: Any, banned: dict[int, Callable]) -> Any:
+    """What the reader's code sees in place of ``value``."""
+    if id(value) in banned:
+        return banned[id(value)]
+    if isinstance(value, types.ModuleType) and value.__name__.split(".")[0] == "utils":
+        return _BlockingModule(value, banned)
+    return value
+
+
+def _reader_functions(fn: Callable, banned: dict[int, Callable]) -> list[types.FunctionType]:
+    """The functions that ``fn`` reaches: itself (a bound method's function, a
+    ``functools.partial``'s), and those in its closure (a check's wrapper closes over the
+    reader's function). Raises if the reader handed in a forbidden function itself."""
+    found, todo = [], [(fn, None)]
+    while todo:
+        f, parent = todo.pop()
+        f = getattr(f, "func", getattr(f, "__func__", f))
+        if id(f) in banned:
+            if parent is None or _is_book(parent):
+                banned[id(f)]()  # the book's own function, handed in as the answer: raises
+            continue  # named by the reader's code: shadowed below
+        if not isinstance(f, types.FunctionType) or any(f is g for g in found):
+            continue
+        found.append(f)
+        todo += [(c.cell_contents, f) for c in (f.__closure__ or ()) if _filled(c)]
+    return found
+
+
+def _is_book(f: types.FunctionType) -> bool:
+    return (f.__module__ or "").split(".")[0] == "utils"
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        _ = cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def _names_used(code: types.CodeType) -> set[str]:
+    """Every global, attribute and imported name a code object (and the code nested in it) uses."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_used(const)
+    return names
 
 
 @contextlib.contextmanager
-def forbidden(*functions: Callable) -> Iterator[None]:
-    """While active, each of ``functions`` raises when called, under any name it was imported as.
+def forbidden(fn: Callable, *functions: Callable) -> Iterator[None]:
+    """While active, the reader's ``fn`` cannot call ``functions``: the exercise asks the reader
+    to write that function, so the check must not pass by calling it.
 
-    The exercise asks the reader to write that function; the check must not pass by calling it.
-    (The code object is swapped, so ``from utils.measure import count_weights`` is blocked too.)
+    Only the reader's code is touched: in the global namespaces of the reader's functions (not
+    the book's), every name bound to a forbidden function is bound to one that raises, and every
+    name bound to a module of ``utils`` to a stand-in whose forbidden attributes raise. Code that
+    names a forbidden function and imports it itself (``from utils.pruning import smallest_k``
+    inside the function) is refused before it runs. Everything is restored afterwards.
     """
-    saved = []
-
-    def blocked(*args: Any, **kwargs: Any) -> Any:
-        name = __import__("sys")._getframe(0).f_code.co_name
-        raise RuntimeError(f"this exercise asks you to write it yourself: calling the book's {name}() "
-                           "is not allowed here")
-
+    banned = {id(f): _blocker(f) for f in functions}
+    readers = [f for f in _reader_functions(fn, banned) if not _is_book(f)]
+    banned_names = {f.__name__ for f in functions}
+    for f in readers:
+        named = _names_used(f.__code__) & banned_names
+        own = {n for n in named if n in f.__globals__ and id(f.__globals__[n]) not in banned}
+        if named - own and any(n not in f.__globals__ for n in named - own):
+            raise RuntimeError(
+                f"this exercise asks you to write it yourself: importing the book's "
+                f"{sorted(named - own)[0]}() is not allowed here"
+            )
+    spaces, cells, touched = [], [], []
+    for f in readers:
+        if not any(f.__globals__ is g for g, _ in spaces):
+            spaces.append((f.__globals__, {}))
+        cells += [c for c in (f.__closure__ or ()) if _filled(c)]
     try:
-        for f in functions:
-            saved.append((f, f.__code__))
-            f.__code__ = blocked.__code__.replace(co_name=f.__name__)
+        for space, saved in spaces:
+            for name, value in list(space.items()):
+                shadow = _shadow(value, banned)
+                if shadow is not value:
+                    saved[name] = value
+                    space[name] = shadow
+        for cell in cells:  # names the reader's function closes over
+            touched.append((cell, cell.cell_contents))
+            cell.cell_contents = _shadow(cell.cell_contents, banned)
         yield
     finally:
-        for f, code in saved:
-            f.__code__ = code
+        for space, saved in spaces:
+            space.update(saved)
+        for cell, value in touched:
+            cell.cell_contents = value
 
 
 class Verdict:
@@ -133,8 +240,13 @@ class Verdict:
         return f"{self.passed} of {self.total} cases pass: fix the FAIL lines above"
 
 
-def run_check(title: str, fn: Callable[..., Any], cases: Sequence[tuple[str, tuple, Any]],
-              atol: float = 1e-6, forbid: Sequence[Callable] = ()) -> Verdict:
+def run_check(
+    title: str,
+    fn: Callable[..., Any],
+    cases: Sequence[tuple[str, tuple, Any]],
+    atol: float = 1e-6,
+    forbid: Sequence[Callable] = (),
+) -> Verdict:
     """Call ``fn(*args)`` for each ``(label, args, expected)`` and print pass/FAIL per case.
 
     ``expected`` is a value, or a function ``judge(got) -> None | str`` (``None`` = pass, a string
@@ -144,21 +256,27 @@ def run_check(title: str, fn: Callable[..., Any], cases: Sequence[tuple[str, tup
     passed = 0
     for label, args, want in cases:
         try:
-            with forbidden(*forbid):
+            with forbidden(fn, *forbid):
                 got = fn(*args)
             why = _compare(got, want, atol)
         except Exception as e:  # the reader's code may raise anything; report it, do not crash
             why = f"your function raised {type(e).__name__}: {str(e)[:200]}"
         passed += why is None
-        print(f"  {'pass' if why is None else 'FAIL'}: {label}" + ("" if why is None else f" ({why})"))
+        print(
+            f"  {'pass' if why is None else 'FAIL'}: {label}" + ("" if why is None else f" ({why})")
+        )
     return Verdict(passed, len(cases))
 
 
 def _tensors() -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"random 4x6": torch.randn(4, 6, generator=g),
-            "ties 3x4": torch.tensor([[1., -1., 2., 0.], [0., 1., -2., 1.], [3., 0., 1., -1.]]),
-            "conv 3x2x3x3": torch.randn(3, 2, 3, 3, generator=g)}
+    return {
+        "random 4x6": torch.randn(4, 6, generator=g),
+        "ties 3x4": torch.tensor(
+            [[1.0, -1.0, 2.0, 0.0], [0.0, 1.0, -2.0, 1.0], [3.0, 0.0, 1.0, -1.0]]
+        ),
+        "conv 3x2x3x3": torch.randn(3, 2, 3, 3, generator=g),
+    }
 
 
 # ----------------------------------------------------------------------------- a toy task
@@ -171,17 +289,24 @@ _TOY_CACHE: dict[int, tuple] = {}
 def toy_task(seed: int = 0) -> tuple[torch.utils.data.DataLoader, tuple[Tensor, Tensor]]:
     """``(train_loader, (x_val, y_val))`` of the toy task (1,000 training, 500 validation points)."""
     from torch.utils.data import DataLoader, TensorDataset
+
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1500, 10, generator=g)
     y = (x @ torch.randn(10, 4, generator=g)).argmax(1)
-    loader = DataLoader(TensorDataset(x[:1000], y[:1000]), batch_size=50, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        TensorDataset(x[:1000], y[:1000]),
+        batch_size=50,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return loader, (x[1000:], y[1000:])
 
 
 def toy_model() -> nn.Sequential:
     """The toy task's MLP: Linear 10-64, ReLU, Linear 64-64, ReLU, Linear 64-4."""
-    return nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    return nn.Sequential(
+        nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
 
 
 def toy_accuracy(model: nn.Module, val: tuple[Tensor, Tensor]) -> float:
@@ -193,7 +318,8 @@ def toy_accuracy(model: nn.Module, val: tuple[Tensor, Tensor]) -> float:
 
 def _trained_toy(seed: int = 0) -> tuple[nn.Module, torch.utils.data.DataLoader, tuple, float]:
     """A dense toy model trained for 10 epochs (cached), its loader, validation set and accuracy."""
-    from utils.training import train
+    from utils.lab.training import train
+
     if seed not in _TOY_CACHE:
         loader, val = toy_task(seed)
         state = torch.random.get_rng_state()
@@ -203,7 +329,12 @@ def _trained_toy(seed: int = 0) -> tuple[nn.Module, torch.utils.data.DataLoader,
         torch.random.set_rng_state(state)
         _TOY_CACHE[seed] = (model, loader, val, toy_accuracy(model, val))
     model, _, val, acc = _TOY_CACHE[seed]
-    return copy.deepcopy(model), toy_task(seed)[0], val, acc  # a fresh loader: the same shuffles every time
+    return (
+        copy.deepcopy(model),
+        toy_task(seed)[0],
+        val,
+        acc,
+    )  # a fresh loader: the same shuffles every time
 
 
 def _linear_sparsity(model: nn.Module) -> float:
@@ -222,38 +353,60 @@ def _as_model(got: Any) -> nn.Module | str:
 def _embedding_model() -> nn.Module:
     """Token embeddings (a 2-D weight that is not a Conv2d or Linear weight), then a classifier."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Embedding(100, 16), nn.Flatten(), nn.Linear(16 * 8, 10), nn.LayerNorm(10))
+    return nn.Sequential(
+        nn.Embedding(100, 16), nn.Flatten(), nn.Linear(16 * 8, 10), nn.LayerNorm(10)
+    )
 
 
 def check_count_weights(fn: Callable[[nn.Module], int]) -> Verdict:
     """``fn(model) -> number of weights in its Conv2d and Linear layers`` (biases excluded; the
     weights of Embedding, BatchNorm and LayerNorm layers are not counted)."""
-    from utils.models import VGG, LeNet5, LeNet300100
-    models = {"LeNet5": LeNet5(), "LeNet300100": LeNet300100(), "VGG(width=0.25), with BatchNorm": VGG(width=0.25),
-              "embedding + Linear + LayerNorm": _embedding_model()}
+    from utils.lab.models import VGG, LeNet5, LeNet300100
+
+    models = {
+        "LeNet5": LeNet5(),
+        "LeNet300100": LeNet300100(),
+        "VGG(width=0.25), with BatchNorm": VGG(width=0.25),
+        "embedding + Linear + LayerNorm": _embedding_model(),
+    }
     cases = []
     for name, model in models.items():
-        want = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        want = sum(
+            m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        )
         cases.append((name, (model,), want))
-    return run_check("weights of Conv2d and Linear layers", fn, cases,
-                     forbid=(measure.count_weights, measure.count_params))
+    return run_check(
+        "weights of Conv2d and Linear layers",
+        fn,
+        cases,
+        forbid=(measure.count_weights, measure.count_params),
+    )
 
 
 def check_model_megabytes(fn: Callable[[int, int], float]) -> Verdict:
     """``fn(n_params, bits) -> size in megabytes (10**6 bytes)`` of the raw values."""
-    cases = [(f"{n:,} params at {b} bits", (n, b), n * b / 8 / 1e6)
-             for n, b in [(61_706, 32), (25_557_032, 32), (25_557_032, 8), (1_000_000, 4)]]
+    cases = [
+        (f"{n:,} params at {b} bits", (n, b), n * b / 8 / 1e6)
+        for n, b in [(61_706, 32), (25_557_032, 32), (25_557_032, 8), (1_000_000, 4)]
+    ]
     return run_check("model size in MB", fn, cases)
 
 
 def check_conv_macs(fn: Callable[[int, int, int, int, int], int]) -> Verdict:
     """``fn(c_in, c_out, k, h_out, w_out) -> multiply-accumulates`` of a k x k Conv2d (groups=1)."""
     cases = []
-    for c_in, c_out, k, h, w in [(1, 6, 5, 28, 28), (6, 16, 5, 10, 10), (64, 128, 3, 16, 16), (3, 8, 1, 7, 9)]:
+    for c_in, c_out, k, h, w in [
+        (1, 6, 5, 28, 28),
+        (6, 16, 5, 10, 10),
+        (64, 128, 3, 16, 16),
+        (3, 8, 1, 7, 9),
+    ]:
         conv = nn.Conv2d(c_in, c_out, k, bias=False)
         want = measure.count_flops(conv, torch.zeros(1, c_in, h + k - 1, w + k - 1)) // 2
         cases.append((f"conv {c_in}->{c_out}, {k}x{k}, out {h}x{w}", (c_in, c_out, k, h, w), want))
-    return run_check("MACs of a convolution", fn, cases, forbid=(measure.count_flops, measure.layer_macs))
+    return run_check(
+        "MACs of a convolution", fn, cases, forbid=(measure.count_flops, measure.layer_macs)
+    )
 
 
 def mlp_params(h1: int, h2: int, n_in: int = 784, n_out: int = 10) -> int:
@@ -265,9 +418,14 @@ def check_mlp_widths(fn: Callable[[float, int], tuple[int, int]]) -> Verdict:
     """Design: ``fn(budget_mb, bits) -> (h1, h2)``, the hidden widths of an MLP 784-h1-h2-10 whose
     weights and biases, stored with ``bits`` bits each, take at most ``budget_mb`` MB (10**6 bytes)
     and at least 90 % of it, with h1 >= h2 >= 10."""
+
     def judge(budget: float, bits: int) -> Judge:
         def verdict(got: Any) -> str | None:
-            if not (isinstance(got, (tuple, list)) and len(got) == 2 and all(isinstance(h, int) for h in got)):
+            if not (
+                isinstance(got, (tuple, list))
+                and len(got) == 2
+                and all(isinstance(h, int) for h in got)
+            ):
                 return f"expected two ints (h1, h2), got {_describe(got)}"
             h1, h2 = got
             if not h1 >= h2 >= 10:
@@ -277,15 +435,22 @@ def check_mlp_widths(fn: Callable[[float, int], tuple[int, int]]) -> Verdict:
             if not 0.9 * budget <= size <= budget:
                 return f"784-{h1}-{h2}-10 takes {size:.4g} MB at {bits} bits; it must take {0.9 * budget:.4g} to {budget:g} MB"
             return None
+
         return verdict
-    cases = [(f"{b:g} MB at {bits} bits", (b, bits), judge(b, bits)) for b, bits in [(1.0, 32), (0.05, 8), (0.25, 4), (2.0, 8)]]
+
+    cases = [
+        (f"{b:g} MB at {bits} bits", (b, bits), judge(b, bits))
+        for b, bits in [(1.0, 32), (0.05, 8), (0.25, 4), (2.0, 8)]
+    ]
     return run_check("an MLP that fits a memory budget", fn, cases)
 
 
 # ----------------------------------------------------------------------------- chapter 2
 def check_sparsity(fn: Callable[[Tensor], float]) -> Verdict:
     """``fn(tensor) -> fraction of zero entries`` as a float in [0, 1]."""
-    cases = [(name, (w.clone(),), float((w == 0).sum()) / w.numel()) for name, w in _tensors().items()]
+    cases = [
+        (name, (w.clone(),), float((w == 0).sum()) / w.numel()) for name, w in _tensors().items()
+    ]
     cases.append(("all zeros", (torch.zeros(5, 5),), 1.0))
     cases.append(("int tensor, half zeros", (torch.tensor([0, 3, 0, 7]),), 0.5))
     return run_check("sparsity of a tensor", fn, cases)
@@ -294,20 +459,29 @@ def check_sparsity(fn: Callable[[Tensor], float]) -> Verdict:
 def check_local_counts(fn: Callable[[Sequence[int], float], list[int]]) -> Verdict:
     """``fn(layer_sizes, ratio) -> weights pruned in each layer`` under local pruning, each
     rounded to the nearest integer with Python's ``round``."""
-    cases = [(f"sizes {s}, ratio {r}", (list(s), r), [round(r * n) for n in s])
-             for s, r in [((150, 2400, 48000), 0.5), ((10, 10), 0.25), ((7, 3, 1), 0.9), ((100,), 0.1)]]
+    cases = [
+        (f"sizes {s}, ratio {r}", (list(s), r), [round(r * n) for n in s])
+        for s, r in [((150, 2400, 48000), 0.5), ((10, 10), 0.25), ((7, 3, 1), 0.9), ((100,), 0.1)]
+    ]
     return run_check("weights pruned per layer (local)", fn, cases)
 
 
 def check_theoretical_speedup(fn: Callable[[Sequence[int], Sequence[float]], float]) -> Verdict:
     """``fn(macs_per_layer, density_per_layer) -> dense MACs / MACs left`` when zeros are skipped."""
-    cases = [(f"macs {m}, density {d}", (list(m), list(d)), sum(m) / sum(a * b for a, b in zip(m, d)))
-             for m, d in [((100, 100), (0.5, 0.5)), ((117600, 240000, 48000), (1.0, 0.2, 0.05)),
-                          ((10,), (0.1,))]]
+    cases = [
+        (f"macs {m}, density {d}", (list(m), list(d)), sum(m) / sum(a * b for a, b in zip(m, d)))
+        for m, d in [
+            ((100, 100), (0.5, 0.5)),
+            ((117600, 240000, 48000), (1.0, 0.2, 0.05)),
+            ((10,), (0.1,)),
+        ]
+    ]
     return run_check("theoretical speedup", fn, cases, atol=1e-9, forbid=(measure.effective_macs,))
 
 
-def best_speedup(sizes: Sequence[int], macs: Sequence[int], total: float, cap: float = 0.95) -> float:
+def best_speedup(
+    sizes: Sequence[int], macs: Sequence[int], total: float, cap: float = 0.95
+) -> float:
     """The largest theoretical speedup at overall weight sparsity ``total`` with each layer at most
     ``cap`` sparse: prune the layers with the most MACs per weight first (a fractional knapsack)."""
     left = total * sum(sizes)
@@ -323,10 +497,13 @@ def check_sparsity_allocation(fn: Callable[[list[int], list[int], float], list[f
     """Design: ``fn(sizes, macs, total) -> per-layer sparsities`` (each in [0, 0.95]) whose overall
     weight sparsity is ``total`` (within 0.005) and whose theoretical speedup is at least 95 % of
     the best one possible under these rules."""
-    from utils.models import VGG, LeNet5
+    from utils.lab.models import VGG, LeNet5
+
     cases = []
-    for name, model, example in [("LeNet-5", LeNet5(), torch.zeros(1, 1, 32, 32)),
-                                 ("VGG(width=0.25), 32x32 input", VGG(width=0.25), torch.zeros(1, 3, 32, 32))]:
+    for name, model, example in [
+        ("LeNet-5", LeNet5(), torch.zeros(1, 1, 32, 32)),
+        ("VGG(width=0.25), 32x32 input", VGG(width=0.25), torch.zeros(1, 3, 32, 32)),
+    ]:
         macs_by_layer = measure.layer_macs(model, example)
         modules = dict(model.named_modules())
         sizes = [modules[k].weight.numel() for k in macs_by_layer]
@@ -347,8 +524,13 @@ def check_sparsity_allocation(fn: Callable[[list[int], list[int], float], list[f
                 if speedup < 0.95 * best:
                     return f"theoretical speedup {speedup:.2f}x; the best allocation reaches {best:.2f}x (need 95 % of it)"
                 return None
-            cases.append((f"{name}, total sparsity {total}", (list(sizes), list(macs), total), judge))
-    return run_check("per-layer sparsities for the largest speedup", fn, cases, forbid=(measure.effective_macs,))
+
+            cases.append(
+                (f"{name}, total sparsity {total}", (list(sizes), list(macs), total), judge)
+            )
+    return run_check(
+        "per-layer sparsities for the largest speedup", fn, cases, forbid=(measure.effective_macs,)
+    )
 
 
 # ----------------------------------------------------------------------------- chapter 3
@@ -363,8 +545,12 @@ def check_rowwise_mask(fn: Callable[[Tensor, float], Tensor]) -> Verdict:
             k = round(r * rows.shape[1])
             want = torch.stack([~smallest_k(row, k) for row in rows]).view_as(w)
             cases.append((f"{name}, ratio {r}", (w.clone(), r), want))
-    return run_check("row-wise magnitude mask", fn, cases,
-                     forbid=(smallest_k, pruning.prune_unstructured, pruning.prune_structured))
+    return run_check(
+        "row-wise magnitude mask",
+        fn,
+        cases,
+        forbid=(smallest_k, pruning.prune_unstructured, pruning.prune_structured),
+    )
 
 
 def check_share_at_threshold(fn: Callable[[Tensor, float], float]) -> Verdict:
@@ -373,8 +559,16 @@ def check_share_at_threshold(fn: Callable[[Tensor, float], float]) -> Verdict:
     cases = []
     for name, w in _tensors().items():
         for theta in (0.0, 0.5, 1.0):
-            cases.append((f"{name}, theta {theta}", (w.clone(), theta), float((w.abs() <= theta).sum()) / w.numel()))
-    return run_check("share pruned at a threshold", fn, cases, forbid=(smallest_k, pruning.prune_unstructured))
+            cases.append(
+                (
+                    f"{name}, theta {theta}",
+                    (w.clone(), theta),
+                    float((w.abs() <= theta).sum()) / w.numel(),
+                )
+            )
+    return run_check(
+        "share pruned at a threshold", fn, cases, forbid=(smallest_k, pruning.prune_unstructured)
+    )
 
 
 def _sparse_toy_model(got: Any, ratio: float, val: tuple) -> tuple[str | None, float, float]:
@@ -385,12 +579,22 @@ def _sparse_toy_model(got: Any, ratio: float, val: tuple) -> tuple[str | None, f
         return got, math.nan, math.nan
     s = _linear_sparsity(got)
     if abs(s - ratio) > 0.005:
-        return f"the Linear weights are {s:.3f} sparse; expected {ratio} (within 0.005)", s, math.nan
+        return (
+            f"the Linear weights are {s:.3f} sparse; expected {ratio} (within 0.005)",
+            s,
+            math.nan,
+        )
     return None, s, toy_accuracy(got, val)
 
 
-def _check_pruned_toy(title: str, fn: Callable, ratios: Sequence[float], trained: bool, floor: float,
-                      extra: Callable[[float], tuple]) -> Verdict:
+def _check_pruned_toy(
+    title: str,
+    fn: Callable,
+    ratios: Sequence[float],
+    trained: bool,
+    floor: float,
+    extra: Callable[[float], tuple],
+) -> Verdict:
     """Shared judge: the model ``fn`` returns must be ``ratio`` sparse (within 0.005) over its
     Linear weights and within ``floor`` of the dense validation accuracy."""
     cases = []
@@ -405,9 +609,12 @@ def _check_pruned_toy(title: str, fn: Callable, ratios: Sequence[float], trained
             if problem:
                 return problem
             if acc < dense - floor:
-                return (f"validation accuracy {acc:.1%}; it must stay within {floor * 100:g} percentage "
-                        f"points of the dense model's {dense:.1%}")
+                return (
+                    f"validation accuracy {acc:.1%}; it must stay within {floor * 100:g} percentage "
+                    f"points of the dense model's {dense:.1%}"
+                )
             return None
+
         cases.append((f"sparsity {ratio}", (model, loader) + extra(ratio), judge))
     return run_check(title, fn, cases)
 
@@ -429,20 +636,34 @@ def check_global_threshold(fn: Callable[[list[Tensor], float], float]) -> Verdic
         ws = [torch.randn(n, generator=g) for n in sizes]
         flat = torch.cat(ws).abs()
         k = max(1, round(r * flat.numel()))
-        cases.append((f"sizes {sizes}, ratio {r}", ([w.clone() for w in ws], r), float(flat.kthvalue(k).values)))
+        cases.append(
+            (
+                f"sizes {sizes}, ratio {r}",
+                ([w.clone() for w in ws], r),
+                float(flat.kthvalue(k).values),
+            )
+        )
     return run_check("global threshold", fn, cases, forbid=(smallest_k, pruning.prune_unstructured))
 
 
 def check_geometric_schedule(fn: Callable[[float, int], list[float]]) -> Verdict:
     """``fn(final_sparsity, rounds) -> sparsity after each round`` when every round removes the same
     share of the weights still left: s_i = 1 - (1 - S) ** (i / rounds)."""
+
     def as_list(*args: Any) -> Any:
         out = fn(*args)
-        return torch.tensor([float(v) for v in out], dtype=torch.float64) if out is not None else None
+        return (
+            torch.tensor([float(v) for v in out], dtype=torch.float64) if out is not None else None
+        )
 
-    cases = [(f"S={s}, {n} rounds", (s, n),
-              torch.tensor([1 - (1 - s) ** (i / n) for i in range(1, n + 1)], dtype=torch.float64))
-             for s, n in [(0.9, 3), (0.92, 5), (0.5, 1)]]
+    cases = [
+        (
+            f"S={s}, {n} rounds",
+            (s, n),
+            torch.tensor([1 - (1 - s) ** (i / n) for i in range(1, n + 1)], dtype=torch.float64),
+        )
+        for s, n in [(0.9, 3), (0.92, 5), (0.5, 1)]
+    ]
     return run_check("iterative pruning schedule", as_list, cases, atol=1e-9)
 
 
@@ -454,7 +675,9 @@ def check_regrown(fn: Callable[[Tensor, Tensor], int]) -> Verdict:
         w = torch.randn(shape, generator=g)
         w[torch.rand(shape, generator=g) < 0.3] = 0
         mask = (torch.rand(shape, generator=g) < 0.5).float()
-        cases.append((f"shape {shape}", (w.clone(), mask.clone()), int(((mask == 0) & (w != 0)).sum())))
+        cases.append(
+            (f"shape {shape}", (w.clone(), mask.clone()), int(((mask == 0) & (w != 0)).sum()))
+        )
     return run_check("regrown weights", fn, cases)
 
 
@@ -476,7 +699,12 @@ def check_safe_ratio(fn: Callable[[nn.Module, tuple[Tensor, Tensor], float], flo
         def judge(got: Any, best=best) -> str | None:
             if isinstance(got, bool) or not isinstance(got, (int, float)):
                 return f"expected a ratio (a float), got {_describe(got)}"
-            return None if abs(got - best) <= 0.05 + 1e-9 else f"expected about {best:.2f} (within 0.05), got {got:.3f}"
+            return (
+                None
+                if abs(got - best) <= 0.05 + 1e-9
+                else f"expected about {best:.2f} (within 0.05), got {got:.3f}"
+            )
+
         cases.append((f"accuracy budget {budget}", (copy.deepcopy(model), val, budget), judge))
     return run_check("largest safe global ratio", fn, cases)
 
@@ -489,7 +717,9 @@ def check_dead_units(fn: Callable[[Tensor], int]) -> Verdict:
         w = w.clone()
         w[0] = 0
         cases.append((name, (w,), int((w.reshape(w.shape[0], -1) == 0).all(dim=1).sum())))
-    cases.append(("zero columns, one zero row", (torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 0.0]]),), 1))
+    cases.append(
+        ("zero columns, one zero row", (torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 0.0]]),), 1)
+    )
     return run_check("whole units removed", fn, cases)
 
 
@@ -499,7 +729,13 @@ def check_flatten_columns(fn: Callable[[Tensor, int], Tensor]) -> Verdict:
     cases = []
     for keep, hw in [([0, 2], 3), ([1], 25), ([0, 3, 4], 1)]:
         k = torch.tensor(keep)
-        cases.append((f"channels {keep}, h*w={hw}", (k.clone(), hw), (k[:, None] * hw + torch.arange(hw)).reshape(-1)))
+        cases.append(
+            (
+                f"channels {keep}, h*w={hw}",
+                (k.clone(), hw),
+                (k[:, None] * hw + torch.arange(hw)).reshape(-1),
+            )
+        )
 
     def as_long(*args: Any) -> Any:
         out = fn(*args)
@@ -526,7 +762,11 @@ def check_shrink_linear_pair(fn: Callable[[nn.Linear, nn.Linear, Tensor], tuple]
             out = fn(fc1, fc2, torch.tensor(keep))
             if out is None:
                 return None
-            if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(m, nn.Linear) for m in out)):
+            if not (
+                isinstance(out, tuple)
+                and len(out) == 2
+                and all(isinstance(m, nn.Linear) for m in out)
+            ):
                 return f"expected two nn.Linear layers, got {_describe(out)}"
             small1, small2 = out
             if small1.out_features != len(keep):
@@ -534,8 +774,13 @@ def check_shrink_linear_pair(fn: Callable[[nn.Linear, nn.Linear, Tensor], tuple]
             return small2(torch.relu(small1(x))).detach()
 
         cases.append((f"{n_hidden} units, keep {keep}", (run,), want))
-    return run_check("shrink a Linear pair", lambda run: _unwrap(run()), cases, atol=1e-5,
-                     forbid=(surgery.shrink,))
+    return run_check(
+        "shrink a Linear pair",
+        lambda run: _unwrap(run()),
+        cases,
+        atol=1e-5,
+        forbid=(surgery.shrink,),
+    )
 
 
 def check_macs_budget(fn: Callable[[nn.Module, Any, int], nn.Module]) -> Verdict:
@@ -557,8 +802,11 @@ def check_macs_budget(fn: Callable[[nn.Module, Any, int], nn.Module]) -> Verdict
             if acc < dense - 0.02:
                 return f"validation accuracy {acc:.1%}; it must stay within 2 points of the dense {dense:.1%}"
             return None
+
         dense_macs = sum(measure.layer_macs(model, val[0][:1]).values())
-        cases.append((f"budget {budget} MACs (dense: {dense_macs})", (model, loader, budget), judge))
+        cases.append(
+            (f"budget {budget} MACs (dense: {dense_macs})", (model, loader, budget), judge)
+        )
     return run_check("a smaller MLP under a MACs budget", fn, cases)
 
 
@@ -570,28 +818,49 @@ def check_csr_bytes(fn: Callable[[int, int, int], int]) -> Verdict:
     for rows, cols, nnz in [(3, 4, 2), (120, 400, 4800), (4096, 4096, 167772), (10, 10, 0)]:
         w = torch.zeros(rows * cols)
         w[:nnz] = 1.0
-        cases.append((f"{rows}x{cols}, {nnz} non-zeros", (rows, cols, nnz), measure.csr_bytes(w.view(rows, cols))))
+        cases.append(
+            (
+                f"{rows}x{cols}, {nnz} non-zeros",
+                (rows, cols, nnz),
+                measure.csr_bytes(w.view(rows, cols)),
+            )
+        )
     return run_check("bytes of a CSR matrix", fn, cases, forbid=(measure.csr_bytes, measure.to_csr))
 
 
 def check_break_even(fn: Callable[[dict[float, float]], float]) -> Verdict:
     """``fn({sparsity: csr_time / dense_time}) -> the lowest sparsity at which CSR was faster``
     (ratio below 1), or ``math.inf`` when CSR was never faster."""
-    tables = [("wins from 0.9", {0.5: 3.1, 0.9: 0.8, 0.95: 0.4, 0.99: 0.1}),
-              ("never wins", {0.5: 3.0, 0.99: 1.2}),
-              ("unordered keys", {0.99: 0.2, 0.8: 0.9, 0.7: 1.5}),
-              ("noisy: wins, loses, wins", {0.7: 0.95, 0.8: 1.05, 0.9: 0.7}),
-              ("exactly as fast is not faster", {0.6: 1.0, 0.95: 0.5})]
-    cases = [(label, (dict(t),), float(min((s for s, r in t.items() if r < 1), default=math.inf)))
-             for label, t in tables]
+    tables = [
+        ("wins from 0.9", {0.5: 3.1, 0.9: 0.8, 0.95: 0.4, 0.99: 0.1}),
+        ("never wins", {0.5: 3.0, 0.99: 1.2}),
+        ("unordered keys", {0.99: 0.2, 0.8: 0.9, 0.7: 1.5}),
+        ("noisy: wins, loses, wins", {0.7: 0.95, 0.8: 1.05, 0.9: 0.7}),
+        ("exactly as fast is not faster", {0.6: 1.0, 0.95: 0.5}),
+    ]
+    cases = [
+        (label, (dict(t),), float(min((s for s, r in t.items() if r < 1), default=math.inf)))
+        for label, t in tables
+    ]
     return run_check("break-even sparsity", fn, cases)
 
 
 def check_modelled_energy(fn: Callable[[float, float, bool], float]) -> Verdict:
-    """``fn(macs, weights, on_chip) -> µJ`` per inference under the 45 nm model of ``utils.energy``:
+    """``fn(macs, weights, on_chip) -> µJ`` per inference under the 45 nm model of ``utils.lab.energy``:
     a float multiply and add per MAC, one 32-bit read per weight from SRAM (on chip) or DRAM."""
-    cases = [(f"{m:g} MACs, {w:g} weights, on_chip={c}", (m, w, c), energy.modelled_energy(m, w, on_chip=c)["total µJ"])
-             for m, w, c in [(416_520, 61_470, True), (416_520, 61_470, False), (1.3e8, 9.2e6, False), (0, 10, True)]]
+    cases = [
+        (
+            f"{m:g} MACs, {w:g} weights, on_chip={c}",
+            (m, w, c),
+            energy.modelled_energy(m, w, on_chip=c)["total µJ"],
+        )
+        for m, w, c in [
+            (416_520, 61_470, True),
+            (416_520, 61_470, False),
+            (1.3e8, 9.2e6, False),
+            (0, 10, True),
+        ]
+    ]
     return run_check("modelled energy", fn, cases, atol=1e-6, forbid=(energy.modelled_energy,))
 
 
@@ -599,6 +868,7 @@ def check_csr_storage_break_even(fn: Callable[[int, int], float]) -> Verdict:
     """Experiment: ``fn(rows, cols) -> density`` at which a float32 CSR matrix (int64 indices) takes
     as many bytes as the dense matrix. Checked against the bytes PyTorch really stores: 0.02 below
     your density CSR must be smaller than dense, 0.02 above it larger."""
+
     def bytes_at(rows: int, cols: int, density: float) -> int:
         w = torch.zeros(rows * cols)
         w[: int(round(density * rows * cols))] = 1.0
@@ -606,24 +876,39 @@ def check_csr_storage_break_even(fn: Callable[[int, int], float]) -> Verdict:
 
     def judge(rows: int, cols: int) -> Judge:
         def verdict(got: Any) -> str | None:
-            if isinstance(got, bool) or not isinstance(got, (int, float)) or not 0.02 <= got <= 0.98:
+            if (
+                isinstance(got, bool)
+                or not isinstance(got, (int, float))
+                or not 0.02 <= got <= 0.98
+            ):
                 return f"expected a density between 0.02 and 0.98, got {_describe(got)}"
             dense = rows * cols * 4
             below, above = bytes_at(rows, cols, got - 0.02), bytes_at(rows, cols, got + 0.02)
             if not below < dense < above:
-                return (f"PyTorch stores {below} bytes at density {got - 0.02:.3f} and {above} at "
-                        f"{got + 0.02:.3f}; dense takes {dense}: the break-even is not at {got:.3f}")
+                return (
+                    f"PyTorch stores {below} bytes at density {got - 0.02:.3f} and {above} at "
+                    f"{got + 0.02:.3f}; dense takes {dense}: the break-even is not at {got:.3f}"
+                )
             return None
+
         return verdict
-    cases = [(f"{r}x{c}", (r, c), judge(r, c)) for r, c in [(300, 784), (64, 64), (3, 8), (1000, 10)]]
-    return run_check("CSR storage break-even, measured", fn, cases, forbid=(measure.csr_bytes, measure.to_csr))
+
+    cases = [
+        (f"{r}x{c}", (r, c), judge(r, c)) for r, c in [(300, 784), (64, 64), (3, 8), (1000, 10)]
+    ]
+    return run_check(
+        "CSR storage break-even, measured", fn, cases, forbid=(measure.csr_bytes, measure.to_csr)
+    )
 
 
 # ----------------------------------------------------------------------------- chapter 6
 def check_relative_amount(fn: Callable[[float, float], float]) -> Verdict:
     """``fn(current, target) -> amount`` for ``torch.nn.utils.prune``, whose amount counts among the
     weights still unpruned, so that a tensor ``current`` sparse becomes ``target`` sparse."""
-    cases = [(f"{c} -> {t}", (c, t), (t - c) / (1 - c)) for c, t in [(0.0, 0.5), (0.5, 0.75), (0.9, 0.95), (0.3, 0.3)]]
+    cases = [
+        (f"{c} -> {t}", (c, t), (t - c) / (1 - c))
+        for c, t in [(0.0, 0.5), (0.5, 0.75), (0.9, 0.95), (0.3, 0.3)]
+    ]
     return run_check("relative amount", fn, cases, atol=1e-9)
 
 
@@ -645,8 +930,15 @@ def check_pruned_tensor_names(fn: Callable[[nn.Module], list[str]]) -> Verdict:
         prune.l1_unstructured(outer[0], "weight", amount=0.5)
         return outer
 
-    cases = [(f"{k} pruned", (build(k),), w) for k, w in
-             [("none", []), ("weight", ["weight"]), ("bias", ["bias"]), ("both", ["bias", "weight"])]]
+    cases = [
+        (f"{k} pruned", (build(k),), w)
+        for k, w in [
+            ("none", []),
+            ("weight", ["weight"]),
+            ("bias", ["bias"]),
+            ("both", ["bias", "weight"]),
+        ]
+    ]
     cases.append(("only a child is pruned", (nested(),), []))
     return run_check("names of pruned tensors", fn, cases)
 
@@ -654,9 +946,14 @@ def check_pruned_tensor_names(fn: Callable[[nn.Module], list[str]]) -> Verdict:
 def check_semi_structured_mask(fn: Callable[[Tensor], Tensor]) -> Verdict:
     """``fn(weight) -> bool mask`` keeping the 2 largest magnitudes of every 4 consecutive inputs."""
     g = torch.Generator().manual_seed(4)
-    cases = [(name, (w,), pruning.semi_structured_mask(w)) for name, w in
-             [("random 3x8", torch.randn(3, 8, generator=g)), ("ties 1x8", torch.tensor([[1., 1., 1., 1., 0., 2., 2., 0.]])),
-              ("random 16x16", torch.randn(16, 16, generator=g))]]
+    cases = [
+        (name, (w,), pruning.semi_structured_mask(w))
+        for name, w in [
+            ("random 3x8", torch.randn(3, 8, generator=g)),
+            ("ties 1x8", torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 0.0]])),
+            ("random 16x16", torch.randn(16, 16, generator=g)),
+        ]
+    ]
     return run_check("2:4 mask", fn, cases, forbid=(pruning.semi_structured_mask,))
 
 
@@ -685,8 +982,14 @@ def check_halve_macs(fn: Callable[[nn.Module, Tensor], nn.Module]) -> Verdict:
             if shape != (1, 1000):
                 return f"expected output shape (1, 1000), got {shape}"
             share = measure.count_flops(got, example) / dense
-            return None if 0.45 <= share <= 0.55 else f"the model does {share:.1%} of the dense MACs; expected 45 % to 55 %"
+            return (
+                None
+                if 0.45 <= share <= 0.55
+                else f"the model does {share:.1%} of the dense MACs; expected 45 % to 55 %"
+            )
+
         return (f"ResNet-18, seed {seed}", (model, example), judge)
+
     return run_check("ResNet-18 at half the MACs", fn, [case(0)])
 
 
@@ -695,28 +998,50 @@ def check_mask_overlap(fn: Callable[[Tensor, Tensor], float]) -> Verdict:
     """``fn(mask_a, mask_b) -> overlap`` of two keep-masks (1 = kept): weights kept by both divided
     by weights kept by either (the Jaccard index); 1.0 when both keep nothing."""
     g = torch.Generator().manual_seed(6)
-    pairs = {"random 8x8": ((torch.rand(8, 8, generator=g) < 0.3), (torch.rand(8, 8, generator=g) < 0.5)),
-             "identical": (torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 1, 1])),
-             "disjoint, float masks": (torch.tensor([1., 0., 0.]), torch.tensor([0., 1., 0.])),
-             "both empty": (torch.zeros(3), torch.zeros(3))}
+    pairs = {
+        "random 8x8": (
+            (torch.rand(8, 8, generator=g) < 0.3),
+            (torch.rand(8, 8, generator=g) < 0.5),
+        ),
+        "identical": (torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 1, 1])),
+        "disjoint, float masks": (torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])),
+        "both empty": (torch.zeros(3), torch.zeros(3)),
+    }
     cases = []
     for name, (a, b) in pairs.items():
         a_, b_ = a.bool(), b.bool()
         either = int((a_ | b_).sum())
-        cases.append((name, (a.clone(), b.clone()), float((a_ & b_).sum()) / either if either else 1.0))
+        cases.append(
+            (name, (a.clone(), b.clone()), float((a_ & b_).sum()) / either if either else 1.0)
+        )
     return run_check("overlap of two masks", fn, cases)
 
 
 def check_total_sparsity(fn: Callable[[dict[str, int], dict[str, float]], float]) -> Verdict:
     """``fn(sizes, ratios) -> overall sparsity`` when layer ``name`` (``sizes[name]`` weights) is
     pruned at ``ratios[name]``; layers missing from ``ratios`` stay dense."""
-    tables = [("LeNet-300-100-like", {"fc1": 235200, "fc2": 30000, "fc3": 1000}, {"fc1": 0.95, "fc2": 0.9, "fc3": 0.5}),
-              ("one layer left dense", {"conv1": 150, "conv2": 2400, "fc1": 48000}, {"conv2": 0.5, "fc1": 0.9}),
-              ("equal sizes", {"a": 10, "b": 10}, {"a": 0.2, "b": 0.6}),
-              ("counts that are not whole (exact, not rounded)", {"a": 3, "b": 7}, {"a": 0.5, "b": 0.5})]
-    cases = [(label, (dict(sizes), dict(ratios)),
-              sum(n * ratios.get(k, 0.0) for k, n in sizes.items()) / sum(sizes.values()))
-             for label, sizes, ratios in tables]
+    tables = [
+        (
+            "LeNet-300-100-like",
+            {"fc1": 235200, "fc2": 30000, "fc3": 1000},
+            {"fc1": 0.95, "fc2": 0.9, "fc3": 0.5},
+        ),
+        (
+            "one layer left dense",
+            {"conv1": 150, "conv2": 2400, "fc1": 48000},
+            {"conv2": 0.5, "fc1": 0.9},
+        ),
+        ("equal sizes", {"a": 10, "b": 10}, {"a": 0.2, "b": 0.6}),
+        ("counts that are not whole (exact, not rounded)", {"a": 3, "b": 7}, {"a": 0.5, "b": 0.5}),
+    ]
+    cases = [
+        (
+            label,
+            (dict(sizes), dict(ratios)),
+            sum(n * ratios.get(k, 0.0) for k, n in sizes.items()) / sum(sizes.values()),
+        )
+        for label, sizes, ratios in tables
+    ]
     return run_check("overall sparsity of per-layer ratios", fn, cases, atol=1e-9)
 
 
@@ -760,15 +1085,23 @@ def check_gradual_pruning(fn: Callable[[nn.Module, Any, float, int], nn.Module])
             return "train the model on train_loader (no pass over it started)"
         if len(watched.starts) != epochs:
             return f"train for exactly {epochs} epochs: {len(watched.starts)} passes over train_loader started"
-        if s - watched.starts[-1] > 1e-4:  # more than a rounding step: weights were pruned in the last epoch
-            return (f"the sparsity rose from {watched.starts[-1]:.4f} to {s:.4f} after the last epoch started: "
-                    "end the ramp earlier, so that the last epoch(s) train the pruned network")
+        if (
+            s - watched.starts[-1] > 1e-4
+        ):  # more than a rounding step: weights were pruned in the last epoch
+            return (
+                f"the sparsity rose from {watched.starts[-1]:.4f} to {s:.4f} after the last epoch started: "
+                "end the ramp earlier, so that the last epoch(s) train the pruned network"
+            )
         if acc < dense - 0.03:
-            return (f"validation accuracy {acc:.1%}; it must stay within 3 percentage points of the dense "
-                    f"model's {dense:.1%}")
+            return (
+                f"validation accuracy {acc:.1%}; it must stay within 3 percentage points of the dense "
+                f"model's {dense:.1%}"
+            )
         return None
 
-    return run_check("prune while training", fn, [(f"sparsity {final}", (model, watched, final, epochs), judge)])
+    return run_check(
+        "prune while training", fn, [(f"sparsity {final}", (model, watched, final, epochs), judge)]
+    )
 
 
 # ----------------------------------------------------------------------------- chapter 8
@@ -776,8 +1109,11 @@ def check_int8(fn: Callable[[Tensor], tuple[Tensor, float]]) -> Verdict:
     """``fn(w) -> (q, scale)``: symmetric per-tensor int8 quantization, scale = max|w| / 127,
     q = round(w / scale) (round half to even, as ``torch.round``) as torch.int8."""
     g = torch.Generator().manual_seed(5)
-    ws = {"random 4x5": torch.randn(4, 5, generator=g), "with zeros": torch.tensor([0.0, -1.0, 0.5, 0.25]),
-          "tiny": torch.randn(3, 3, generator=g) * 1e-3}
+    ws = {
+        "random 4x5": torch.randn(4, 5, generator=g),
+        "with zeros": torch.tensor([0.0, -1.0, 0.5, 0.25]),
+        "tiny": torch.randn(3, 3, generator=g) * 1e-3,
+    }
     cases = []
     for name, w in ws.items():
         scale = float(w.abs().max()) / 127
@@ -791,15 +1127,25 @@ def check_int8(fn: Callable[[Tensor], tuple[Tensor, float]]) -> Verdict:
             return _Reason(f"expected a pair (q, scale), got {_describe(out)}")
         q, scale = out
         if abs(float(scale) - float(w.abs().max()) / 127) > 1e-9:
-            return _Reason(f"scale should be max|w| / 127 = {float(w.abs().max()) / 127:.4g}, got {float(scale):.4g}")
-        return q if q.dtype == torch.int8 else _Reason(f"q should have dtype torch.int8, got {q.dtype}")
+            return _Reason(
+                f"scale should be max|w| / 127 = {float(w.abs().max()) / 127:.4g}, got {float(scale):.4g}"
+            )
+        return (
+            q
+            if q.dtype == torch.int8
+            else _Reason(f"q should have dtype torch.int8, got {q.dtype}")
+        )
+
     return run_check("int8 quantization", q_only, cases)
 
 
 def check_combined_compression(fn: Callable[[float, int], float]) -> Verdict:
     """``fn(sparsity, bits) -> compression vs dense fp32`` when the kept weights are stored with
     ``bits`` bits (index storage ignored): 32 / bits / (1 - sparsity)."""
-    cases = [(f"sparsity {s}, {b} bits", (s, b), 32 / b / (1 - s)) for s, b in [(0.0, 8), (0.9, 32), (0.9, 8), (0.5, 4)]]
+    cases = [
+        (f"sparsity {s}, {b} bits", (s, b), 32 / b / (1 - s))
+        for s, b in [(0.0, 8), (0.9, 32), (0.9, 8), (0.5, 4)]
+    ]
     return run_check("pruning and quantization together", fn, cases, atol=1e-9)
 
 
@@ -807,17 +1153,27 @@ def check_best_config(fn: Callable[[list[dict], float, float], str]) -> Verdict:
     """``fn(rows, min_accuracy, max_latency) -> name`` of the row with the fewest parameters among those
     with accuracy >= min_accuracy and latency <= max_latency, or the string ``"none"`` if no row
     qualifies. Rows have keys name, accuracy, latency, params."""
-    rows = [{"name": "dense", "accuracy": 0.98, "latency": 10.0, "params": 60000},
-            {"name": "unstructured global", "accuracy": 0.975, "latency": 10.5, "params": 6000},
-            {"name": "structured local", "accuracy": 0.96, "latency": 4.0, "params": 15000},
-            {"name": "structured global", "accuracy": 0.97, "latency": 5.0, "params": 14000}]
+    rows = [
+        {"name": "dense", "accuracy": 0.98, "latency": 10.0, "params": 60000},
+        {"name": "unstructured global", "accuracy": 0.975, "latency": 10.5, "params": 6000},
+        {"name": "structured local", "accuracy": 0.96, "latency": 4.0, "params": 15000},
+        {"name": "structured global", "accuracy": 0.97, "latency": 5.0, "params": 14000},
+    ]
 
     def want(a: float, t: float) -> str:
         ok = [r for r in rows if r["accuracy"] >= a and r["latency"] <= t]
         return min(ok, key=lambda r: r["params"])["name"] if ok else "none"
-    cases = [(label, ([dict(r) for r in rows], a, t), want(a, t)) for label, a, t in
-             [("accuracy first", 0.97, 20.0), ("latency first", 0.95, 6.0), ("nothing qualifies", 0.965, 4.5),
-              ("everything allowed", 0.0, 100.0), ("limits are inclusive", 0.96, 4.0)]]
+
+    cases = [
+        (label, ([dict(r) for r in rows], a, t), want(a, t))
+        for label, a, t in [
+            ("accuracy first", 0.97, 20.0),
+            ("latency first", 0.95, 6.0),
+            ("nothing qualifies", 0.965, 4.5),
+            ("everything allowed", 0.0, 100.0),
+            ("limits are inclusive", 0.96, 4.0),
+        ]
+    ]
     return run_check("decision guide", fn, cases)
 
 
@@ -829,8 +1185,13 @@ def check_compression_budget(fn: Callable[[nn.Module, Any], tuple[nn.Module, int
     model, loader, val, dense = _trained_toy(0)
 
     def judge(got: Any) -> str | None:
-        if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], nn.Module)
-                and isinstance(got[1], int) and 2 <= got[1] <= 32):
+        if not (
+            isinstance(got, tuple)
+            and len(got) == 2
+            and isinstance(got[0], nn.Module)
+            and isinstance(got[1], int)
+            and 2 <= got[1] <= 32
+        ):
             return f"expected (model, bits) with bits an int from 2 to 32, got {_describe(got)}"
         m, bits = got
         ratio = 32 / bits / max(1e-12, 1 - _linear_sparsity(m))
@@ -848,4 +1209,7 @@ def check_compression_budget(fn: Callable[[nn.Module, Any], tuple[nn.Module, int
         if acc < dense - 0.02:
             return f"accuracy after {bits}-bit quantization {acc:.1%}; it must stay within 2 points of the dense {dense:.1%}"
         return None
-    return run_check("20x smaller: pruning and quantization", fn, [("toy MLP", (model, loader), judge)])
+
+    return run_check(
+        "20x smaller: pruning and quantization", fn, [("toy MLP", (model, loader), judge)]
+    )

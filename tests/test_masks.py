@@ -1,0 +1,125 @@
+"""Masks as parametrizations (utils.pruning.masks): in force wherever the weight is read."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from utils.pruning import (
+    clone_model,
+    is_pruned,
+    make_permanent,
+    masks,
+    prune_unstructured,
+    sparsity,
+)
+
+OPTIMIZERS = {
+    "sgd+momentum+decay": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.05),
+}
+
+
+def attention_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True),
+        nn.Flatten(),
+        nn.Linear(16 * 5, 3),
+    )
+
+
+def test_a_masked_out_proj_is_in_force_inside_multihead_attention():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj's forward: a
+    forward pre-hook mask never ran there; the parametrization computes the masked weight."""
+    model = attention_model().eval()
+    attn = model[0].self_attn
+    keep = prune_unstructured(model, 0.5, layers=["0.self_attn.out_proj"])["0.self_attn.out_proj"]
+    x = torch.randn(4, 5, 16)
+    reference = copy.deepcopy(model)
+    make_permanent(reference)
+    with torch.no_grad():
+        reference[0].self_attn.out_proj.weight.mul_(keep)
+        dense = copy.deepcopy(reference)
+        dense[0].self_attn.out_proj.weight.copy_(masks.stored(attn.out_proj))
+        assert torch.allclose(model(x), reference(x), atol=1e-6)
+        assert not torch.allclose(model(x), dense(x), atol=1e-3)  # the mask changes the output
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_masks_stay_in_force_under_every_optimizer_and_inside_attention(name):
+    model = attention_model().train()
+    keeps = prune_unstructured(model, 0.7)
+    opt = OPTIMIZERS[name](model.parameters())
+    x, y = torch.randn(8, 5, 16), torch.randint(0, 3, (8,))
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for layer, keep in keeps.items():
+        weight = model.get_submodule(layer).weight
+        assert (weight[~keep] == 0).all(), layer
+        assert (
+            masks.stored(model.get_submodule(layer))[~keep] != 0
+        ).any()  # the optimizer moved them
+    assert sparsity(model) >= 0.7
+
+
+def test_state_dict_round_trip_deepcopy_and_compile():
+    model = attention_model().eval()
+    prune_unstructured(model, 0.5)
+    x = torch.randn(2, 5, 16)
+    want = model(x)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    fresh = attention_model().eval()
+    prune_unstructured(fresh, 0.0)  # the same parametrizations, masks all ones
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert torch.equal(fresh(x), want)
+    assert torch.equal(copy.deepcopy(model)(x), want) and torch.equal(clone_model(model)(x), want)
+    compiled = torch.compile(model, backend="eager")
+    assert torch.allclose(compiled(x), want, atol=1e-6)
+
+
+def test_make_permanent_keeps_the_parameter_objects_and_a_plain_state_dict():
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    before = {id(p) for p in model.parameters()}
+    prune_unstructured(model, 0.5)
+    assert {id(p) for p in model.parameters()} == before  # an optimizer built before still works
+    make_permanent(model)
+    assert not is_pruned(model) and type(model[0]) is nn.Linear
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert {id(p) for p in model.parameters()} == before
+
+
+def test_tied_weights_stay_tied_through_masks_and_folding():
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.ReLU(), second)
+    prune_unstructured(model, 0.5)
+    assert masks.stored(first) is masks.stored(second)
+    assert torch.equal(masks.mask_of(first), masks.mask_of(second))
+    make_permanent(model)
+    assert model[0].weight is model[2].weight
+
+
+def test_only_our_masks_count_and_foreign_parametrizations_are_refused():
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(4, 2))
+    assert not masks.is_masked(layer) and masks.has_foreign_parametrization(layer)
+    assert not is_pruned(model)
+    with pytest.raises(ValueError, match="computed"):
+        prune_unstructured(model, 0.5)
+    assert not masks.is_masked(model[2])  # nothing changed
+
+
+def test_a_torch_prune_model_gets_a_clear_refusal():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match="torch.nn.utils.prune"):
+        prune_unstructured(model, 0.5)
+    assert not masks.is_masked(model[2])

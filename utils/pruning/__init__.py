@@ -1,0 +1,59 @@
+"""The pruning library: what you can reuse in your own project.
+
+It imports torch and numpy only (numba, optional, for the compiled loops of large models), and
+nothing of the book's lab kit (``utils.lab``) or book kit (``utils.kit``); a test enforces that.
+
+- :mod:`~utils.pruning.magnitude`: equations 3.1 (unstructured) and 3.2 (structured), fixed;
+  2:4 masks; sparsity reports. Re-exported here.
+- :mod:`~utils.pruning.masks`: masks as ``torch.nn.utils.parametrize`` parametrizations.
+- :mod:`~utils.pruning.threshold`: the exact k-th smallest score over many tensors, chunked.
+- :mod:`~utils.pruning.kernels`: compiled loops (numba) for the threshold of large models.
+- :mod:`~utils.pruning.graph`: the torch.fx data flow (output layers, BatchNorms, flattens).
+- :mod:`~utils.pruning.surgery`: ``shrink``, a physically smaller copy of a pruned model.
+- :mod:`~utils.pruning.llm`: one-shot pruning of transformer LMs (magnitude, Wanda, SparseGPT).
+"""
+
+from utils.pruning import masks
+from utils.pruning.magnitude import (
+    WeightGroup,
+    check_share,
+    clone_model,
+    effective_weight,
+    is_pruned,
+    make_permanent,
+    prune_structured,
+    prune_unstructured,
+    select_layers,
+    semi_structured_mask,
+    smallest_k,
+    sparsity,
+    sparsity_report,
+    unit_norms,
+    unit_rows,
+    weight_and_mask,
+    weight_tensors,
+)
+from utils.pruning.surgery import UnsupportedGraphError, shrink
+
+__all__ = [
+    "UnsupportedGraphError",
+    "WeightGroup",
+    "check_share",
+    "clone_model",
+    "effective_weight",
+    "is_pruned",
+    "make_permanent",
+    "masks",
+    "prune_structured",
+    "prune_unstructured",
+    "select_layers",
+    "semi_structured_mask",
+    "shrink",
+    "smallest_k",
+    "sparsity",
+    "sparsity_report",
+    "unit_norms",
+    "unit_rows",
+    "weight_and_mask",
+    "weight_tensors",
+]
