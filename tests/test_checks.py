@@ -11,6 +11,7 @@ import torch_pruning as tp
 from torch import nn
 
 import utils.lab.measure
+from utils import pruning
 from utils.kit import checks
 from utils.lab import measure
 from utils.lab.training import train
@@ -399,3 +400,97 @@ def test_no_case_expects_none():
     """A stub returning None must never pass: run every check with a stub and count the passes."""
     for name in CASES:
         assert getattr(checks, name)(lambda *a: None).passed == 0, name
+
+
+def _smallest_two(s):
+    from utils.pruning import smallest_k as sk  # imported inside: refused before it runs
+
+    return sk(s, 2)
+
+
+def _via_module_import(s):
+    import utils.pruning.magnitude as mg
+
+    return mg.smallest_k(s, 2)
+
+
+class _CallableAnswer:
+    def __call__(self, s):
+        return pruning.smallest_k(s, 2)
+
+
+def _helper(s):
+    return smallest_k(s, 2)
+
+
+def _via_helper(s):
+    return _helper(s)
+
+
+def _via_default(s, fn=smallest_k):
+    return fn(s, 2)
+
+
+def _via_lru_cache():
+    import functools
+
+    return functools.lru_cache(maxsize=None)(lambda s: smallest_k(s, 2))
+
+
+@pytest.mark.parametrize(
+    "reader",
+    [
+        _smallest_two,
+        _via_module_import,
+        _CallableAnswer(),
+        _via_helper,
+        _via_default,
+        _via_lru_cache(),
+    ],
+    ids=[
+        "local import",
+        "module import",
+        "callable object",
+        "helper",
+        "default argument",
+        "lru_cache",
+    ],
+)
+def test_forbidden_blocks_every_route_and_restores_everything(reader):
+    scores = torch.tensor([3.0, 1.0, 2.0, 0.5])
+    with pytest.raises(RuntimeError, match="write it yourself"):
+        with checks.forbidden(reader, smallest_k):
+            reader(scores)
+    assert _via_default.__defaults__[0] is smallest_k and pruning.smallest_k is smallest_k
+    assert smallest_k(scores, 2).tolist() == [False, True, False, True]
+
+
+def test_forbidden_lets_a_readers_own_attribute_of_that_name_be_and_restores_a_shared_cell():
+    class Mine:
+        def smallest_k(self, s, k):
+            return s.argsort()[:k]
+
+    def answer(s):
+        return Mine().smallest_k(s, 2)
+
+    with checks.forbidden(answer, smallest_k):
+        assert answer(torch.tensor([3.0, 1.0, 2.0])).tolist() == [1, 2]
+
+    def factory():
+        pr = pruning
+
+        def helper(s):
+            return pr.smallest_k(s, 2)
+
+        def outer(s):
+            return helper(s) if pr else None
+
+        return outer
+
+    outer = factory()
+    with pytest.raises(RuntimeError):
+        with checks.forbidden(outer, smallest_k):
+            outer(torch.tensor([3.0, 1.0, 2.0]))
+    assert all(not isinstance(c.cell_contents, checks._BlockingModule) for c in outer.__closure__)
+    cells = [c.cell_contents for c in outer.__closure__]
+    assert pruning in cells

@@ -7,14 +7,17 @@ import pytest
 import torch
 from torch import nn
 
+from utils.lab.measure import count_params
 from utils.pruning import (
     clone_model,
     is_pruned,
     make_permanent,
     masks,
+    prune_structured,
     prune_unstructured,
     sparsity,
 )
+from utils.pruning.graph import output_layers
 
 OPTIMIZERS = {
     "sgd+momentum+decay": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
@@ -123,3 +126,86 @@ def test_a_torch_prune_model_gets_a_clear_refusal():
     with pytest.raises(ValueError, match="torch.nn.utils.prune"):
         prune_unstructured(model, 0.5)
     assert not masks.is_masked(model[2])
+
+
+def test_other_parametrizations_elsewhere_do_not_break_pruning_or_counting():
+    """weight_norm keeps two originals (original0, original1): a layer using it, not selected,
+    neither breaks the shared-weight check nor the count of non-zero parameters."""
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(4, 2))
+    )
+    prune_unstructured(model, 0.5, layers=["0"])
+    assert masks.is_masked(model[0]) and not masks.is_masked(model[2])
+    assert count_params(model, nonzero=True) == 8 + 4 + count_params(model[2], nonzero=True)
+
+
+def test_a_tied_weight_is_counted_once_by_count_params():
+    first, second = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    second.weight = first.weight
+    model = nn.Sequential(first, second)
+    assert count_params(model) == count_params(model, nonzero=True) == 16
+    prune_unstructured(model, 0.5)
+    assert count_params(model, nonzero=True) == 8
+
+
+def test_structured_pruning_refuses_an_unmaskable_batchnorm_before_masking_anything():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 2),
+    )
+    nn.utils.prune.l1_unstructured(model[1], "weight", amount=0.5)
+    with pytest.raises(ValueError, match="torch.nn.utils.prune"):
+        prune_structured(model, 0.5)
+    assert not is_pruned(model)
+
+
+def test_set_mask_copies_the_callers_tensor_and_checks_the_shape():
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    keep = torch.ones(3, 3)
+    masks.set_mask(a, "weight", keep)
+    masks.set_mask(b, "weight", keep)
+    masks.set_mask(a, "weight", torch.zeros(3, 3))  # re-pruning one model ...
+    assert (
+        masks.mask_of(b).sum() == 9 and keep.sum() == 9
+    )  # ... leaves the other and the caller alone
+    with pytest.raises(ValueError, match="shape"):
+        masks.set_mask(a, "weight", torch.ones(3, 1))
+    with pytest.raises(ValueError, match="shape"):
+        masks.set_mask(nn.Linear(3, 3), "weight", torch.ones(3, 1))
+
+
+class Head(nn.Linear):
+    """A user's subclass of Linear: fx traced through it; a mask must not change the graph."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_the_output_layer_is_the_same_before_and_after_masking_a_linear_subclass():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Head(8, 3))
+    heads_before = output_layers(model)
+    prune_unstructured(model, 0.5)
+    assert output_layers(model) == heads_before == {"2"}
+    head_mask = masks.mask_of(model[2]).clone()
+    prune_structured(model, 0.5)  # the head (the classes) is not touched
+    assert torch.equal(masks.mask_of(model[2]), head_mask)
+
+
+def test_one_shot_llm_pruning_refuses_torch_prune_and_shared_weights_before_any_change():
+    from utils.pruning.llm import prune_magnitude
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    nn.utils.prune.l1_unstructured(model[2], "weight", amount=0.5)
+    with pytest.raises(ValueError, match="torch.nn.utils.prune"):
+        prune_magnitude(model, 0.5)
+    assert not is_pruned(model)
+    tied = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match="shared"):
+        prune_magnitude(tied, 0.5)
+    assert not is_pruned(tied)

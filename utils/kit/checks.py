@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dis
 import math
+import sys
+import sysconfig
 import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -141,26 +144,51 @@ def _shadow(value: Any, banned: dict[int, Callable]) -> Any:
 
 
 def _reader_functions(fn: Callable, banned: dict[int, Callable]) -> list[types.FunctionType]:
-    """The functions that ``fn`` reaches: itself (a bound method's function, a
-    ``functools.partial``'s), and those in its closure (a check's wrapper closes over the
-    reader's function). Raises if the reader handed in a forbidden function itself."""
-    found, todo = [], [(fn, None)]
+    """The reader's functions that ``fn`` reaches, and the book's wrappers on the way.
+
+    Followed: a bound method's function, a ``functools.partial``'s, a decorated function
+    (``__wrapped__``), a callable object's ``__call__``, and from each function the functions
+    in its closure, its default arguments and the globals its code names. Raises if the reader
+    handed in a forbidden function itself (directly or through a check's wrapper)."""
+    found, todo, seen = [], [(fn, None)], set()
     while todo:
         f, parent = todo.pop()
-        f = getattr(f, "func", getattr(f, "__func__", f))
         if id(f) in banned:
             if parent is None or _is_book(parent):
                 banned[id(f)]()  # the book's own function, handed in as the answer: raises
             continue  # named by the reader's code: shadowed below
-        if not isinstance(f, types.FunctionType) or any(f is g for g in found):
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        inner = [getattr(f, a) for a in ("func", "__func__", "__wrapped__") if hasattr(f, a)]
+        if not isinstance(f, types.FunctionType):
+            calls = [k.__dict__["__call__"] for k in type(f).__mro__ if "__call__" in k.__dict__]
+            inner += [c for c in calls[:1] if isinstance(c, types.FunctionType)]
+            todo += [(g, parent) for g in inner]
+            continue
+        if _is_library(f) and not _is_book(f):
             continue
         found.append(f)
-        todo += [(c.cell_contents, f) for c in (f.__closure__ or ()) if _filled(c)]
+        todo += [(g, f) for g in inner]
+        values = [c.cell_contents for c in (f.__closure__ or ()) if _filled(c)]
+        values += list(f.__defaults__ or ()) + list((f.__kwdefaults__ or {}).values())
+        if not _is_book(f):
+            values += [f.__globals__[n] for n in _global_names(f.__code__) if n in f.__globals__]
+        todo += [(v, f) for v in values if callable(v) and not isinstance(v, type)]
     return found
 
 
 def _is_book(f: types.FunctionType) -> bool:
     return (f.__module__ or "").split(".")[0] == "utils"
+
+
+def _is_library(f: types.FunctionType) -> bool:
+    """Code of an installed package or of Python itself (never the reader's to shadow)."""
+    module = sys.modules.get(f.__module__ or "")
+    path = getattr(module, "__file__", None) or ""
+    return (
+        _is_book(f) or "site-packages" in path or path.startswith(sysconfig.get_paths()["stdlib"])
+    )
 
 
 def _filled(cell: Any) -> bool:
@@ -171,13 +199,35 @@ def _filled(cell: Any) -> bool:
     return True
 
 
-def _names_used(code: types.CodeType) -> set[str]:
-    """Every global, attribute and imported name a code object (and the code nested in it) uses."""
-    names = set(code.co_names)
+def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    """A code object and every code object nested in it (inner functions, lambdas)."""
+    yield code
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _names_used(const)
-    return names
+            yield from _codes(const)
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The global names a code object (and the code nested in it) reads."""
+    ops = ("LOAD_GLOBAL", "LOAD_NAME")
+    return {i.argval for c in _codes(code) for i in dis.get_instructions(c) if i.opname in ops}
+
+
+def _imports_a_banned_name(code: types.CodeType, banned_names: set[str]) -> str | None:
+    """A forbidden function that the code imports itself: ``from utils... import name`` (any
+    alias), or ``import utils...`` and then ``.name`` as an attribute."""
+    for c in _codes(code):
+        instructions = list(dis.get_instructions(c))
+        for i in instructions:
+            if i.opname == "IMPORT_FROM" and i.argval in banned_names:
+                return i.argval
+        if any(
+            i.opname == "IMPORT_NAME" and str(i.argval).startswith("utils") for i in instructions
+        ):
+            for i in instructions:
+                if i.opname in ("LOAD_ATTR", "LOAD_METHOD") and i.argval in banned_names:
+                    return i.argval
+    return None
 
 
 @contextlib.contextmanager
@@ -185,28 +235,31 @@ def forbidden(fn: Callable, *functions: Callable) -> Iterator[None]:
     """While active, the reader's ``fn`` cannot call ``functions``: the exercise asks the reader
     to write that function, so the check must not pass by calling it.
 
-    Only the reader's code is touched: in the global namespaces of the reader's functions (not
-    the book's), every name bound to a forbidden function is bound to one that raises, and every
-    name bound to a module of ``utils`` to a stand-in whose forbidden attributes raise. Code that
-    names a forbidden function and imports it itself (``from utils.pruning import smallest_k``
-    inside the function) is refused before it runs. Everything is restored afterwards.
+    Only the reader's code is touched: in the global namespaces, closures and default arguments
+    of the reader's functions (not the book's, not an installed package's), every name bound to
+    a forbidden function is bound to one that raises, and every name bound to a module of
+    ``utils`` to a
+    stand-in whose forbidden attributes raise. Code that imports a forbidden function itself
+    (``from utils.pruning import smallest_k as sk`` inside the function) is refused before it
+    runs. Everything is restored afterwards. This guards against mistakes and casual shortcuts
+    in the reader's own notebook, not against deliberate tampering (reading ``sys.modules``,
+    for one): the grader runs each submission in a fresh kernel for that reason.
     """
     banned = {id(f): _blocker(f) for f in functions}
     readers = [f for f in _reader_functions(fn, banned) if not _is_book(f)]
     banned_names = {f.__name__ for f in functions}
     for f in readers:
-        named = _names_used(f.__code__) & banned_names
-        own = {n for n in named if n in f.__globals__ and id(f.__globals__[n]) not in banned}
-        if named - own and any(n not in f.__globals__ for n in named - own):
+        name = _imports_a_banned_name(f.__code__, banned_names)
+        if name is not None:
             raise RuntimeError(
-                f"this exercise asks you to write it yourself: importing the book's "
-                f"{sorted(named - own)[0]}() is not allowed here"
+                f"this exercise asks you to write it yourself: importing the book's {name}() "
+                "is not allowed here"
             )
-    spaces, cells, touched = [], [], []
+    spaces, cells, touched, defaults = [], [], [], []
     for f in readers:
         if not any(f.__globals__ is g for g, _ in spaces):
             spaces.append((f.__globals__, {}))
-        cells += [c for c in (f.__closure__ or ()) if _filled(c)]
+        cells += [c for c in (f.__closure__ or ()) if _filled(c) and all(c is not d for d in cells)]
     try:
         for space, saved in spaces:
             for name, value in list(space.items()):
@@ -217,12 +270,20 @@ def forbidden(fn: Callable, *functions: Callable) -> Iterator[None]:
         for cell in cells:  # names the reader's function closes over
             touched.append((cell, cell.cell_contents))
             cell.cell_contents = _shadow(cell.cell_contents, banned)
+        for f in readers:  # default arguments
+            defaults.append((f, f.__defaults__, f.__kwdefaults__))
+            if f.__defaults__:
+                f.__defaults__ = tuple(_shadow(v, banned) for v in f.__defaults__)
+            if f.__kwdefaults__:
+                f.__kwdefaults__ = {k: _shadow(v, banned) for k, v in f.__kwdefaults__.items()}
         yield
     finally:
         for space, saved in spaces:
             space.update(saved)
-        for cell, value in touched:
+        for cell, value in reversed(touched):
             cell.cell_contents = value
+        for f, positional, keyword in defaults:
+            f.__defaults__, f.__kwdefaults__ = positional, keyword
 
 
 class Verdict:

@@ -29,10 +29,12 @@ def count_params(model: nn.Module, nonzero: bool = False) -> int:
     """Number of parameters; with ``nonzero=True`` only those that are not (masked to) zero."""
     if not nonzero:
         return sum(p.numel() for p in model.parameters())
-    total = 0
+    total, seen = 0, set()  # a tensor shared by several modules, or computed from two, counts once
     with torch.no_grad():
-        for _, m, name, _ in masks.own_tensors(model):
-            total += int((effective_weight(m, name) != 0).sum())
+        for _, m, name, p in masks.own_tensors(model):
+            if id(p) not in seen and (id(m), name) not in seen:
+                seen |= {id(p), (id(m), name)}
+                total += int((effective_weight(m, name) != 0).sum())
     return total
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 LAYERS = (nn.Linear, _ConvNd)  # the prunable layers: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d
@@ -67,15 +68,28 @@ ZERO_PRESERVING_NAMES = {
 SHAPE_ONLY_NAMES = {"size", "dim"}
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer with every prunable layer and BatchNorm a leaf, masked or not.
+
+    fx decides by a module's class (torch.nn classes are leaves); a mask puts a module in a
+    generated class, and a user's subclass of ``nn.Linear`` would be traced through before
+    masking and be a leaf after it. Here both are leaves, so the graph does not change."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (*LAYERS, _BatchNorm)) or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with an error that says what to do when it fails."""
+    """``torch.fx`` tracing (prunable layers and BatchNorms as leaves) with an error that says
+    what to do when it fails."""
     try:
-        return fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
         raise ValueError(
             f"cannot trace {type(model).__name__} with torch.fx ({e}); "
             "its forward has data-dependent control flow"
         ) from e
+    return fx.GraphModule(model, graph)
 
 
 def op_name(node: fx.Node) -> str:

@@ -19,8 +19,10 @@ from utils.pruning import masks
 from utils.pruning.magnitude import (
     check_share,
     clone_model,
+    refuse_unmaskable,
     select_layers,
     semi_structured_mask,
+    weight_tensors,
 )
 from utils.pruning.modes import eval_mode
 
@@ -241,7 +243,11 @@ def _validate(
         if layers is not None:
             raise ValueError("sparsity is a dict of per-layer sparsities: leave layers=None")
         layers = list(sparsity)
-    names = list(select_layers(model, default_layers(model) if layers is None else layers))
+    selected = select_layers(model, default_layers(model) if layers is None else layers)
+    names = list(selected)
+    refuse_unmaskable((n, m, "weight") for n, m in selected.items())
+    if len(weight_tensors(model, selected)) < len(selected):  # also refuses sharing outside
+        raise ValueError("one-shot pruning of a weight shared by several layers is not supported")
     modules = dict(model.named_modules())
     nm = None if nm is None else _check_nm(nm)
     plan = {}

@@ -139,20 +139,26 @@ def weight_tensors(
     return list(groups.values())
 
 
-def _refuse_computed_weights(selected: dict[str, nn.Module]) -> None:
-    """A weight computed from other tensors (weight_norm, a parametrization other than our mask,
-    torch.nn.utils.prune's hook) cannot take a mask."""
-    for name, m in selected.items():
+def refuse_unmaskable(targets: Iterable[tuple[str, nn.Module, str]]) -> None:
+    """Raise unless every ``(layer name, module, tensor name)`` can take a mask: a tensor
+    computed from others (weight_norm, a parametrization other than our mask, the hook of
+    torch.nn.utils.prune) cannot. Called while planning, before anything is changed."""
+    for label, m, tensor in targets:
         if torch_prune.is_pruned(m):
             raise ValueError(
-                f"{name!r} was pruned with torch.nn.utils.prune: call "
+                f"{label!r} was pruned with torch.nn.utils.prune: call "
                 "torch.nn.utils.prune.remove on it first"
             )
-        if not isinstance(masks.stored(m), nn.Parameter) or masks.has_foreign_parametrization(m):
+        stored = masks.stored(m, tensor)
+        if not isinstance(stored, nn.Parameter) or masks.has_foreign_parametrization(m, tensor):
             raise ValueError(
-                f"the weight of {name!r} is computed (weight_norm, spectral_norm or a "
+                f"the {tensor} of {label!r} is computed (weight_norm, spectral_norm or a "
                 "parametrization), not a Parameter of its own: remove that first"
             )
+
+
+def _refuse_computed_weights(selected: dict[str, nn.Module]) -> None:
+    refuse_unmaskable((name, m, "weight") for name, m in selected.items())
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -425,13 +431,15 @@ def prune_structured(
     tensors = weight_tensors(model, selected)
     if len(tensors) < len(selected):
         raise ValueError("structured pruning of a weight shared by several layers is not supported")
+    plan = _unit_targets(model, selected)  # the biases and BatchNorms the units are silenced in
+    refuse_unmaskable(t for targets in plan.values() for t in targets)
     with torch.no_grad():
         scores = {
             name: _unit_scores(name, m, p, normalize=scope == "global")
             for name, m in selected.items()
         }
         pruned = _choose_units(scores, r, scope)  # raises before anything is changed
-        return _silence_units(model, selected, pruned)
+        return _silence_units(selected, pruned, plan)
 
 
 def _unit_scores(name: str, module: nn.Module, p: float, normalize: bool) -> Tensor:
@@ -480,11 +488,35 @@ def _choose_units(scores: dict[str, Tensor], r: float, scope: str) -> dict[str, 
     }
 
 
+def _unit_targets(
+    model: nn.Module, selected: dict[str, nn.Module]
+) -> dict[str, list[tuple[str, nn.Module, str]]]:
+    """For each layer, the other tensors a pruned unit is silenced in: its bias and the
+    affine parameters of the BatchNorm after it (warns where that BatchNorm has none)."""
+    bns, modules, plan = following_batchnorms(model), dict(model.named_modules()), {}
+    for name, m in selected.items():
+        targets = [(name, m, "bias")] if m.bias is not None else []
+        bn = modules[bns[name]] if name in bns else None
+        if bn is not None and bn.affine:
+            targets += [(bns[name], bn, "weight"), (bns[name], bn, "bias")]
+        elif bn is not None and bn.track_running_stats:
+            warnings.warn(
+                f"{bns[name]!r} has no affine parameters to mask: in eval mode a pruned unit of "
+                f"{name!r} still outputs -running_mean / std",
+                stacklevel=4,
+            )
+        plan[name] = targets
+    return plan
+
+
 def _silence_units(
-    model: nn.Module, selected: dict[str, nn.Module], pruned: dict[str, Tensor]
+    selected: dict[str, nn.Module],
+    pruned: dict[str, Tensor],
+    plan: dict[str, list[tuple[str, nn.Module, str]]],
 ) -> dict[str, Tensor]:
-    """Mask the pruned units' weights, biases and following BatchNorm; return the weight masks."""
-    bns, modules, unit_masks = following_batchnorms(model), dict(model.named_modules()), {}
+    """Mask the pruned units' weights and the tensors of ``plan`` (biases, the following
+    BatchNorm); return the weight masks."""
+    unit_masks = {}
     for name, m in selected.items():
         keep_units = ~pruned[name]
         w, mask = weight_and_mask(m)
@@ -496,17 +528,7 @@ def _silence_units(
             keep &= mask.bool()
         unit_masks[name] = keep
         masks.set_mask(m, "weight", keep)
-        targets = [(m, "bias")] if m.bias is not None else []
-        bn = modules[bns[name]] if name in bns else None
-        if bn is not None and bn.affine:
-            targets += [(bn, "weight"), (bn, "bias")]
-        elif bn is not None and bn.track_running_stats:
-            warnings.warn(
-                f"{bns[name]!r} has no affine parameters to mask: in eval mode a pruned unit of "
-                f"{name!r} still outputs -running_mean / std",
-                stacklevel=3,
-            )
-        for mod, tensor in targets:
+        for _, mod, tensor in plan[name]:
             _, old = weight_and_mask(mod, tensor)
             masks.set_mask(mod, tensor, keep_units if old is None else keep_units & old.bool())
     return unit_masks

@@ -87,17 +87,21 @@ def set_mask(module: nn.Module, name: str, keep: Tensor) -> None:
     A mask already there is overwritten in place (the caller includes the old mask in ``keep``);
     otherwise a :class:`Mask` parametrization is registered.
     """
-    old = mask_of(module, name)
-    if old is not None:
-        old.copy_(keep)
-        return
     tensor = stored(module, name)
     if not isinstance(tensor, nn.Parameter):
         raise ValueError(
             f"{type(module).__name__}.{name} is not a Parameter, so it cannot be masked"
         )
+    if keep.shape != tensor.shape:
+        raise ValueError(f"the mask has shape {tuple(keep.shape)}, {name} {tuple(tensor.shape)}")
+    old = mask_of(module, name)
+    if old is not None:
+        old.copy_(keep)
+        return
     _own_class(module)
-    parametrize.register_parametrization(module, name, Mask(keep.to(tensor.dtype)))
+    # a copy of its own: the caller's tensor must not become the live mask of this module
+    mask = keep.to(device=tensor.device, dtype=tensor.dtype, copy=True)
+    parametrize.register_parametrization(module, name, Mask(mask))
 
 
 def fold(module: nn.Module, name: str = "weight") -> None:
@@ -126,9 +130,9 @@ def own_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Para
                 yield owner, m, name, p
         if parametrize.is_parametrized(m):
             for name in m.parametrizations.keys():
-                original = m.parametrizations[name].original
-                if isinstance(original, nn.Parameter):
-                    yield owner, m, name, original
+                # one original (ours), or several (weight_norm's original0 and original1)
+                for p in m.parametrizations[name].parameters(recurse=False):
+                    yield owner, m, name, p
 
 
 def fold_all(model: nn.Module) -> nn.Module:
