@@ -209,3 +209,30 @@ def test_one_shot_llm_pruning_refuses_torch_prune_and_shared_weights_before_any_
     with pytest.raises(ValueError, match="shared"):
         prune_magnitude(tied, 0.5)
     assert not is_pruned(tied)
+
+
+def test_shrink_refuses_dead_units_inside_a_module_fx_keeps_whole():
+    from utils.pruning import UnsupportedGraphError, shrink
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True),
+        nn.Flatten(),
+        nn.Linear(16 * 5, 3),
+    )
+    with pytest.warns(UserWarning, match="in_proj_weight"):
+        prune_unstructured(model, 0.3)  # the packed q/k/v weights are said to stay dense
+    prune_structured(model, 0.5, layers=["0.linear1"])
+    with pytest.raises(UnsupportedGraphError, match="0.linear1"):
+        shrink(model)
+
+
+def test_a_masked_state_dict_loads_into_a_plain_model():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    prune_structured(model, 0.5)
+    x = torch.randn(3, 4)
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    masks.load_state_dict(fresh, model.state_dict())
+    assert torch.equal(fresh(x), model(x)) and masks.is_masked(fresh[0], "bias")
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        masks.set_mask(fresh[2], "weight", torch.full((2, 8), 0.5))

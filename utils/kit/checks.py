@@ -49,6 +49,11 @@ def _compare(got: Any, want: Any, atol: float) -> str | None:
     """``None`` when ``got`` matches ``want``; otherwise what is wrong, in words."""
     if isinstance(got, _Reason):
         return got.text
+    if isinstance(got, Tensor) and got.dim() == 0 and isinstance(want, (int, float)):
+        return (
+            f"got a tensor holding {got.item()!r}; return a Python number "
+            "(`.item()`, `int(...)` or `float(...)`)"
+        )
     if got is None:
         if isinstance(want, float) and math.isinf(want):
             return "got None; expected math.inf, the answer for 'never' (return math.inf, not None)"

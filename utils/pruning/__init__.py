@@ -1,7 +1,8 @@
 """The pruning library: what you can reuse in your own project.
 
-It imports torch and numpy only (numba, optional, for the compiled loops of large models), and
-nothing of the book's lab kit (``utils.lab``) or book kit (``utils.kit``); a test enforces that.
+It imports torch and numpy (numba, optional, for the compiled loops of large models; pandas for
+``sparsity_report`` only), and nothing of the book's lab kit (``utils.lab``) or book kit
+(``utils.kit``); a test enforces that.
 
 - :mod:`~utils.pruning.magnitude`: equations 3.1 (unstructured) and 3.2 (structured), fixed;
   2:4 masks; sparsity reports. Re-exported here.
@@ -10,6 +11,7 @@ nothing of the book's lab kit (``utils.lab``) or book kit (``utils.kit``); a tes
 - :mod:`~utils.pruning.kernels`: compiled loops (numba) for the threshold of large models.
 - :mod:`~utils.pruning.graph`: the torch.fx data flow (output layers, BatchNorms, flattens).
 - :mod:`~utils.pruning.surgery`: ``shrink``, a physically smaller copy of a pruned model.
+- :mod:`~utils.pruning.modes`: ``eval_mode``, a block in eval mode, the mode restored after.
 - :mod:`~utils.pruning.llm`: one-shot pruning of transformer LMs (magnitude, Wanda, SparseGPT).
 """
 

@@ -153,7 +153,9 @@ def refuse_unmaskable(targets: Iterable[tuple[str, nn.Module, str]]) -> None:
         if not isinstance(stored, nn.Parameter) or masks.has_foreign_parametrization(m, tensor):
             raise ValueError(
                 f"the {tensor} of {label!r} is computed (weight_norm, spectral_norm or a "
-                "parametrization), not a Parameter of its own: remove that first"
+                "parametrization), not a Parameter of its own: remove that first "
+                f"(torch.nn.utils.parametrize.remove_parametrizations(module, {tensor!r})), "
+                "or leave the layer out with layers="
             )
 
 
@@ -244,6 +246,8 @@ def prune_unstructured(
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     selected = select_layers(model, layers)
+    if layers is None:
+        _warn_unselected_attention(model)
     _refuse_computed_weights(selected)
     tensors = weight_tensors(model, selected, check_shared=not inplace)
     if inplace and is_pruned(model):
@@ -260,6 +264,23 @@ def prune_unstructured(
             tensors, sources, r, scope, buffers
         )  # raises before anything changes
         return _zero_weights(tensors, sources, thresholds, inplace, buffers)
+
+
+def _warn_unselected_attention(model: nn.Module) -> None:
+    """nn.MultiheadAttention keeps its query, key and value weights in one Parameter of its
+    own (``in_proj_weight``), not in Linear layers: say that they are left dense."""
+    packed = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and getattr(m, "in_proj_weight", None) is not None
+    ]
+    if packed:
+        warnings.warn(
+            f"{len(packed)} nn.MultiheadAttention module(s) ({packed[0]!r}, ...) keep their "
+            "query/key/value weights in in_proj_weight, which is not a Linear layer: those "
+            "weights stay dense and are not counted in the ratio",
+            stacklevel=3,
+        )
 
 
 def _choose_weights(

@@ -94,6 +94,8 @@ def set_mask(module: nn.Module, name: str, keep: Tensor) -> None:
         )
     if keep.shape != tensor.shape:
         raise ValueError(f"the mask has shape {tuple(keep.shape)}, {name} {tuple(tensor.shape)}")
+    if keep.dtype != torch.bool and not bool(((keep == 0) | (keep == 1)).all()):
+        raise ValueError("a mask holds only 0 and 1 (or False and True)")
     old = mask_of(module, name)
     if old is not None:
         old.copy_(keep)
@@ -102,6 +104,20 @@ def set_mask(module: nn.Module, name: str, keep: Tensor) -> None:
     # a copy of its own: the caller's tensor must not become the live mask of this module
     mask = keep.to(device=tensor.device, dtype=tensor.dtype, copy=True)
     parametrize.register_parametrization(module, name, Mask(mask))
+
+
+def load_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load the state_dict of a masked model into ``model`` (a plain one of the same
+    architecture, or a masked one): masks are first installed where ``state`` has them, then
+    everything is loaded (strictly: keys must match)."""
+    suffix = ".0.mask"
+    for key in state:
+        if ".parametrizations." in f".{key}" and key.endswith(suffix):
+            owner, _, name = key[: -len(suffix)].rpartition("parametrizations.")
+            module = model.get_submodule(owner.rstrip("."))
+            if not is_masked(module, name):
+                set_mask(module, name, torch.ones_like(stored(module, name), dtype=torch.bool))
+    model.load_state_dict(state)
 
 
 def fold(module: nn.Module, name: str = "weight") -> None:

@@ -173,6 +173,26 @@ def _check_cuttable(
         )
 
 
+def _refuse_hidden_dead_units(modules: dict[str, nn.Module], called: set[str]) -> None:
+    """A layer the graph never calls sits inside a module torch.fx keeps whole (a
+    TransformerEncoderLayer, a MultiheadAttention) or is used through its weight only; its
+    units cannot be followed, so dead units there are refused instead of left in place."""
+    with torch.no_grad():
+        for name, layer in modules.items():
+            if not isinstance(layer, LAYERS) or name in called:
+                continue
+            dead = (_unit_rows(layer) == 0).all(dim=1)
+            if layer.bias is not None:
+                dead &= layer.bias.detach() == 0
+            if dead.any():
+                raise UnsupportedGraphError(
+                    f"{name!r} has {int(dead.sum())} dead units, but the torch.fx graph never "
+                    "calls it (it sits inside a module that fx keeps whole, such as "
+                    "nn.TransformerEncoderLayer or nn.MultiheadAttention): shrink cannot follow "
+                    "its outputs. Torch-Pruning handles attention blocks (chapter 6)"
+                )
+
+
 def plan_shrink(model: nn.Module) -> _Plan:
     """Find the dead units of every layer and what to keep; refuses (raises) before any change."""
     modules = dict(model.named_modules())
@@ -184,6 +204,7 @@ def plan_shrink(model: nn.Module) -> _Plan:
             if p is not None:
                 owners.setdefault(id(p), []).append(name)
     shared = {n for names in owners.values() if len(names) > 1 for n in names}
+    _refuse_hidden_dead_units(modules, set(calls))
     plan = _Plan()
     with torch.no_grad():
         for node in graph.nodes:
