@@ -188,7 +188,7 @@ def test_tracebacks_show_the_cells_the_last_frame_and_the_message_without_paths(
 
 def test_local_paths_leave_outputs():
     text = (
-        "/work/main/utils/quantize.py:40: DeprecationWarning: x\n"
+        "/work/main/utils/lab/quantize.py:40: DeprecationWarning: x\n"
         "/tmp/ipykernel_123/456.py:2: UserWarning: y\n/home/ann/data/file.txt"
     )
     clean = book_site.clean_paths(text, ["/work/main"])
