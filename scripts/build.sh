@@ -7,6 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements.txt
 export PRUNING_BOOK_QUIET=1
+# Data from other projects lives beside this one (../shared/data), never inside it; chapters and
+# tests read it from there (utils.lab.lm.load_text), and download it only where it is missing.
+if [ -z "${PRUNING_BOOK_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
+  export PRUNING_BOOK_DATA_DIR="$(cd ../shared/data && pwd)"
+fi
 rm -rf _build/html/reports
 # 1. execute, chapter by chapter, what jupyter-cache does not hold yet; stop at the first failure
 python scripts/build_execute.py

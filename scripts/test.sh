@@ -21,6 +21,11 @@ if ! have_browser; then
 fi
 python -m pip install -q -r requirements.txt
 export PRUNING_BOOK_QUIET=1
+# Data from other projects lives beside this one (../shared/data), never inside it; chapters and
+# tests read it from there (utils.lab.lm.load_text), and download it only where it is missing.
+if [ -z "${PRUNING_BOOK_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
+  export PRUNING_BOOK_DATA_DIR="$(cd ../shared/data && pwd)"
+fi
 start=$SECONDS
 python -m pytest tests/ -q
 shopt -s nullglob

@@ -14,6 +14,9 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parent.parent / "scripts")
 )  # bookconf, the scripts' helpers
 os.environ.setdefault("PRUNING_BOOK_QUIET", "1")
+_SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+if _SHARED.is_dir():  # the development and CI layout: data beside the project, not in it
+    os.environ.setdefault("PRUNING_BOOK_DATA_DIR", str(_SHARED))
 torch.set_num_threads(2)
 settings.register_profile(
     "book", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]

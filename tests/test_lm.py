@@ -31,7 +31,7 @@ def tiny(vocab=65, **kw):
     )
 
 
-def test_the_text_ships_with_the_package_and_splits_the_same_way_every_time(data):
+def test_the_text_loads_and_splits_the_same_way_every_time(data):
     text = load_text()
     assert len(text) > 1_000_000 and text.startswith("First Citizen")
     assert len(data.vocab) == len(set(text)) == 65
@@ -99,3 +99,30 @@ def test_bfloat16_forward_and_generate(data, device):
     assert math.isfinite(ppl) and 30 < ppl < 130  # untrained: about the vocabulary size
     out = generate(m, data.encode("ROMEO:"), 20)
     assert len(out) == 26 and torch.equal(out, generate(m, data.encode("ROMEO:"), 20))
+
+
+def test_the_text_is_read_from_the_data_folder_then_the_cache_and_a_failed_download_says_what_to_do(
+    tmp_path, monkeypatch
+):
+    from utils.lab import lm
+
+    folder, cache = tmp_path / "data", tmp_path / "cache"
+    folder.mkdir()
+    (folder / "tinyshakespeare.txt").write_text("First Citizen: from the folder")
+    monkeypatch.setattr(lm, "CACHE", cache)
+    monkeypatch.chdir(tmp_path)  # no shared/data above this folder
+    monkeypatch.setenv(lm.DATA_DIR_VAR, str(folder))
+    assert lm.load_text() == "First Citizen: from the folder"
+    monkeypatch.delenv(lm.DATA_DIR_VAR)
+    cache.mkdir()
+    (cache / "tinyshakespeare.txt").write_text("from the cache")
+    assert lm.load_text() == "from the cache"
+    (cache / "tinyshakespeare.txt").unlink()
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(lm.urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match=lm.DATA_DIR_VAR) as failure:
+        lm.load_text()
+    assert "raw.githubusercontent.com" in str(failure.value) and "no network" in str(failure.value)

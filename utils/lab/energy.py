@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# Energy per operation at 45 nm, 0.9 V, in picojoules (Horowitz 2014, as tabulated by Han et al. 2015).
+# Energy per operation at 45 nm, 0.9 V, in picojoules (Horowitz 2014, as tabulated by
+# Han et al. 2015).
 HOROWITZ_45NM_PJ = {
     "32-bit int add": 0.1,
     "32-bit float add": 0.9,
@@ -41,7 +42,8 @@ def rapl_available() -> bool:
 
 
 def measure_cpu_energy(fn: Callable[[], object], seconds: float = 2.0) -> dict | None:
-    """Joules per call of ``fn`` from RAPL over about ``seconds`` of repeated calls; None without RAPL.
+    """Joules per call of ``fn`` from RAPL over about ``seconds`` of repeated calls; None
+    without RAPL.
 
     The counter covers the whole CPU package, so idle power and other processes are included:
     run it on a quiet machine and compare candidates measured the same way.

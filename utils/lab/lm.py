@@ -1,16 +1,21 @@
 """A tiny causal character-level transformer language model, its text, training and perplexity.
 
-The text ships inside the package (``utils/data_files``), so a chapter runs on Colab from the
-installed package alone. Everything is deterministic for a given seed on a CPU.
+The text (Tiny Shakespeare) is not part of the package: :func:`load_text` reads it from a folder
+named by ``$PRUNING_BOOK_DATA_DIR`` or a ``shared/data`` folder beside the project, then from a
+cache, and otherwise downloads it from its public source. Everything is deterministic for a
+given seed on a CPU.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
+import os
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +23,63 @@ from torch import Tensor, nn
 
 from utils.pruning.modes import eval_mode
 
-TEXTS = {"tinyshakespeare": "tinyshakespeare.txt"}
+
+@dataclass(frozen=True)
+class _Text:
+    file: str
+    url: str
+    sha256: str
+
+
+TEXTS = {
+    "tinyshakespeare": _Text(
+        "tinyshakespeare.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    )
+}
+DATA_DIR_VAR = "PRUNING_BOOK_DATA_DIR"  # a folder that holds the texts (development, CI)
+CACHE = Path.home() / ".cache" / "pruning-book" / "data"
 
 
 # ----------------------------------------------------------------------------- data
+def _candidates(file: str) -> list[Path]:
+    """Where a text may already be: the folder in $PRUNING_BOOK_DATA_DIR, a ``shared/data``
+    folder in the working directory or one of its parents (the project's development layout),
+    and the cache."""
+    found = [Path(os.environ[DATA_DIR_VAR]) / file] if os.environ.get(DATA_DIR_VAR) else []
+    here = Path.cwd().resolve()
+    found += [folder / "shared" / "data" / file for folder in (here, *here.parents)]
+    return found + [CACHE / file]
+
+
+def _download(text: _Text) -> str:
+    """Fetch the text from its public source into the cache (a few seconds; fails fast offline)."""
+    with urllib.request.urlopen(text.url, timeout=20) as reply:
+        data = reply.read()
+    if hashlib.sha256(data).hexdigest() != text.sha256:
+        raise ValueError(f"{text.url} did not give the expected file (SHA-256 differs)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / text.file).write_bytes(data)
+    return data.decode("utf-8")
+
+
 def load_text(name: str = "tinyshakespeare") -> str:
-    """The raw text of a corpus that ships with the package (see ``utils/data_files/README.md``)."""
+    """The raw text of a corpus: from disk where it already is, else downloaded once (cached)."""
     if name not in TEXTS:
-        raise ValueError(f"unknown text {name!r}; shipped texts are {sorted(TEXTS)}")
-    return resources.files("utils").joinpath("data_files", TEXTS[name]).read_text(encoding="utf-8")
+        raise ValueError(f"unknown text {name!r}; known texts are {sorted(TEXTS)}")
+    text = TEXTS[name]
+    for path in _candidates(text.file):
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    try:
+        return _download(text)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(
+            f"{text.file} is not on this machine and could not be downloaded ({e}). Download "
+            f"{text.url} by hand and set {DATA_DIR_VAR} to the folder that holds it as "
+            f"{text.file} (or put it in {CACHE})."
+        ) from None
 
 
 @dataclass

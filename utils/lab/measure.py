@@ -66,10 +66,12 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
 
 
 def to_csr(weight: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """``weight`` (2-D) in PyTorch's CSR format, with ``index_dtype`` column indices and row pointers.
+    """``weight`` (2-D) in PyTorch's CSR format, with ``index_dtype`` column indices and row
+    pointers.
 
     PyTorch builds CSR with int64 indices and also accepts int32 (both index tensors share one
-    dtype). PyTorch warns that sparse CSR support is in beta; that warning is silenced here on purpose.
+    dtype). PyTorch warns that sparse CSR support is in beta; that warning is silenced here on
+    purpose.
     """
     if index_dtype not in (torch.int64, torch.int32):
         raise ValueError(f"CSR indices are torch.int64 or torch.int32, not {index_dtype}")
@@ -88,7 +90,8 @@ def to_csr(weight: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> torc
 
 
 def csr_index_bytes(csr: torch.Tensor) -> int:
-    """Bytes of the indices of a CSR tensor: one column index per stored value plus rows + 1 row pointers."""
+    """Bytes of the indices of a CSR tensor: one column index per stored value, and rows + 1 row
+    pointers."""
     return sum(t.numel() * t.element_size() for t in (csr.col_indices(), csr.crow_indices()))
 
 

@@ -101,7 +101,8 @@ def train(
     ``device="cuda"`` runs it on that device instead and puts the model back where it was
     afterwards, so the rest of a chapter keeps working with CPU tensors. Pruning masks installed by
     :mod:`utils.pruning` stay in force: the forward pass multiplies by them, so pruned weights get
-    no gradient and stay zero whatever the optimizer does to the stored original (``utils.pruning.masks``).
+    no gradient and stay zero whatever the optimizer does to the stored original
+    (``utils.pruning.masks``).
     ``on_step(step)`` is called after every optimizer step (steps count from 1), for example to
     prune gradually. Returns the mean loss of each epoch.
     """

@@ -2,9 +2,9 @@
 
 Masks are torch parametrizations (:mod:`utils.pruning.masks`: ``weight = original * mask``
 on every read), so an optimizer can never revive a pruned weight; ``inplace=True`` instead
-zeroes the weights themselves (one-shot pruning of large models, no mask kept). Every public function
-validates its arguments and computes its whole plan *before* it touches the model: a bad
-call raises and leaves the model exactly as it was. Everything runs on the model's own
+zeroes the weights themselves (one-shot pruning of large models, no mask kept). Every public
+function validates its arguments and computes its whole plan *before* it touches the model: a
+bad call raises and leaves the model exactly as it was. Everything runs on the model's own
 device and dtype.
 """
 
@@ -62,7 +62,7 @@ def _check_scope(scope: str) -> str:
 def select_layers(
     model: nn.Module, layers: Iterable[str] | str | None = None
 ) -> dict[str, nn.Module]:
-    """The Linear and convolution modules to prune, by name: all of them, or the named ones (checked)."""
+    """The Linear and convolution modules to prune, by name: all, or the named ones (checked)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
@@ -79,7 +79,8 @@ def select_layers(
             raise ValueError(f"unknown layer {n!r}; prunable layers are {prunable}")
         if not isinstance(modules[n], LAYERS):
             raise ValueError(
-                f"layer {n!r} is a {masks.base_class(modules[n]).__name__}; only Linear and convolution "
+                f"layer {n!r} is a {masks.base_class(modules[n]).__name__}; "
+                "only Linear and convolution "
                 "layers are pruned"
             )
     if not names:
@@ -157,10 +158,6 @@ def refuse_unmaskable(targets: Iterable[tuple[str, nn.Module, str]]) -> None:
                 f"(torch.nn.utils.parametrize.remove_parametrizations(module, {tensor!r})), "
                 "or leave the layer out with layers="
             )
-
-
-def _refuse_computed_weights(selected: dict[str, nn.Module]) -> None:
-    refuse_unmaskable((name, m, "weight") for name, m in selected.items())
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -248,7 +245,7 @@ def prune_unstructured(
     selected = select_layers(model, layers)
     if layers is None:
         _warn_unselected_attention(model)
-    _refuse_computed_weights(selected)
+    refuse_unmaskable((name, m, "weight") for name, m in selected.items())
     tensors = weight_tensors(model, selected, check_shared=not inplace)
     if inplace and is_pruned(model):
         raise ValueError(
@@ -448,7 +445,7 @@ def prune_structured(
     """
     r, scope, p = check_share(ratio), _check_scope(scope), _check_p(p)
     selected = select_layers(model, _default_structured_layers(model) if layers is None else layers)
-    _refuse_computed_weights(selected)
+    refuse_unmaskable((name, m, "weight") for name, m in selected.items())
     tensors = weight_tensors(model, selected)
     if len(tensors) < len(selected):
         raise ValueError("structured pruning of a weight shared by several layers is not supported")
@@ -464,7 +461,7 @@ def prune_structured(
 
 
 def _unit_scores(name: str, module: nn.Module, p: float, normalize: bool) -> Tensor:
-    """L_p norm per unit (divided by the layer's mean if ``normalize``); -1 for units pruned earlier."""
+    """L_p norm per unit (over the layer's mean if ``normalize``); -1 for units pruned earlier."""
     w, mask = weight_and_mask(module)
     if not torch.isfinite(w).all():
         raise ValueError(f"layer {name!r} has NaN or infinite weights")
@@ -489,7 +486,8 @@ def _choose_units(scores: dict[str, Tensor], r: float, scope: str) -> dict[str, 
             k = min(round(r * s.numel()), s.numel() - 1)
             if already[name] > k:
                 raise ValueError(
-                    f"layer {name!r} already has {already[name]} pruned units, more than the {k} asked for"
+                    f"layer {name!r} already has {already[name]} pruned units, "
+                    f"more than the {k} asked for"
                 )
             pruned[name] = smallest_k(s, k)
         return pruned
@@ -590,7 +588,8 @@ def sparsity(model: nn.Module) -> float:
 
 
 def sparsity_report(model: nn.Module):
-    """One row per Linear/convolution layer (and a total): shape, weights kept, sparsity, units alive.
+    """One row per Linear/convolution layer (and a total): shape, weights kept, sparsity, units
+    alive.
 
     The total counts a weight tensor shared by several layers once.
     """

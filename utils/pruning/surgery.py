@@ -59,7 +59,8 @@ def _paths(
     flat: bool = False,
     bns: tuple[str, ...] = (),
 ) -> list[_Path]:
-    """Every path from ``node`` to the next layers, through BatchNorms, activations, pooling, flatten."""
+    """Every path from ``node`` to the next layers, through BatchNorms, activations, pooling and
+    flattens."""
     paths = []
     for user in node.users:
         m = modules.get(user.target) if user.op == "call_module" else None
@@ -167,7 +168,8 @@ def _check_cuttable(
     ]
     if blockers:
         raise UnsupportedGraphError(
-            f"cannot cut the {int(dead.sum())} dead units of {name!r}: they reach {', '.join(blockers)}, "
+            f"cannot cut the {int(dead.sum())} dead units of {name!r}: "
+            f"they reach {', '.join(blockers)}, "
             "which this surgery does not cut. Torch-Pruning (pip install torch-pruning) cuts such "
             "dependency graphs; see chapter 6."
         )
