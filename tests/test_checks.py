@@ -13,7 +13,7 @@ from torch import nn
 import utils.lab.measure
 from utils import pruning
 from utils.kit import checks
-from utils.lab import measure
+from utils.lab import energy, measure
 from utils.lab.training import train
 from utils.pruning import prune_structured, prune_unstructured, semi_structured_mask, smallest_k
 from utils.pruning.surgery import shrink
@@ -268,8 +268,11 @@ CASES = {  # check: (right answer, [wrong answers])
         ],
     ),
     "check_modelled_energy": (
-        lambda m, w, c: (m * 4.6 + w * (5 if c else 640)) / 1e6,
-        [lambda m, w, c: (m * 4.6 + w * 640) / 1e6],
+        lambda m, w, c: (m * 4.6 + w * (energy.sram_read_pj(4 * w) if c else 640)) / 1e6,
+        [
+            lambda m, w, c: (m * 4.6 + w * 640) / 1e6,
+            lambda m, w, c: (m * 4.6 + w * (5 if c else 640)) / 1e6,  # one SRAM size for all
+        ],
     ),
     "check_csr_storage_break_even": (csr_break_even, [lambda r, c: 1 / 3, lambda r, c: 2 / 3]),
     "check_relative_amount": (lambda c, t: (t - c) / (1 - c), [lambda c, t: t - c]),

@@ -36,3 +36,17 @@ def test_int32_csr_survives_torch_save():
 def test_other_index_dtypes_are_refused():
     with pytest.raises(ValueError, match="int64 or torch.int32"):
         to_csr(small(), torch.int16)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_a_saved_csr_file_holds_what_csr_bytes_counts(dtype):
+    """torch.save writes whole storages: no index buffer larger than the CSR may ride along."""
+    from utils.lab.measure import saved_bytes
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(120, 400, generator=g) * (torch.rand(120, 400, generator=g) < 0.1)
+    csr = to_csr(w, dtype)
+    for part in (csr.crow_indices(), csr.col_indices(), csr.values()):
+        assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
+    overhead = len(saved_bytes(csr)) - csr_bytes(w, dtype)
+    assert 0 < overhead < 2500  # the zip container and pickle, not a second index array

@@ -10,10 +10,22 @@ def test_model_counts_arithmetic_and_weight_reads():
     assert e["arithmetic µJ"] == pytest.approx(1e6 * (3.7 + 0.9) / 1e6)
     assert e["weight reads µJ"] == pytest.approx(1e3 * 640 / 1e6)
     on_chip = energy.modelled_energy(macs=1e6, weight_words=1e3, on_chip=True)
-    assert on_chip["weight reads µJ"] == pytest.approx(1e3 * 5 / 1e6)
+    assert on_chip["weight reads µJ"] == pytest.approx(1e3 * 5 / 1e6)  # 4 KB: the 8 KB SRAM
     assert energy.modelled_energy(0, 10, index_words=10)["total µJ"] == pytest.approx(
         2 * 10 * 640 / 1e6
     )
+
+
+@pytest.mark.parametrize(
+    "words, pj", [(2048, 5.0), (2049, 10.0), (8192, 10.0), (8193, 50.0), (5.5e6, 50.0)]
+)
+def test_the_sram_cost_grows_with_the_sram_that_holds_the_weights(words, pj):
+    """Horowitz: 10, 20, 100 pJ per 64-bit read of an 8 KB, 32 KB, 1 MB SRAM (half per 32 bits)."""
+    assert energy.sram_read_pj(4 * words) == pj
+    e = energy.modelled_energy(0, words, on_chip=True)
+    assert e["weight reads µJ"] == pytest.approx(words * pj / 1e6)
+    with pytest.raises(ValueError, match=">= 0"):
+        energy.sram_read_pj(-1)
 
 
 def test_dram_is_far_costlier_than_arithmetic():
@@ -43,13 +55,18 @@ def test_nvml_is_read_when_present_and_refused_cleanly_when_not(monkeypatch):
         def nvmlDeviceGetHandleByIndex(self, i):
             return i
 
-        def nvmlDeviceGetPowerUsage(self, handle):
-            return 42_000
+        def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+            self.mj = getattr(self, "mj", 1_000) + 500  # 0.5 J more at every read
+            return self.mj
 
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(fail=False))
     assert energy.nvml_available() is True
+    calls = []
+    got = energy.measure_gpu_energy(lambda: calls.append(1), seconds=0.0)
+    assert got["calls"] == len(calls) == 1 and got["joules_per_call"] == pytest.approx(0.5)
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(fail=True))
     assert energy.nvml_available() is False
+    assert energy.measure_gpu_energy(lambda: None) is None
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: import fails
     assert energy.nvml_available() is False
 

@@ -183,10 +183,56 @@ def test_sparsegpt_explains_a_hessian_that_is_not_positive_definite():
         sparsegpt_layer(torch.randn(2, 4), stats, 0.5)
 
 
+def random_layer(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, InputStats]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(4 * cols, cols, generator=g) * torch.randn(cols, generator=g).exp()
+    stats = InputStats(cols, torch.device("cpu"))
+    stats.add(x)
+    return w, stats
+
+
+@given(
+    rows=st.integers(2, 10),
+    cols=st.sampled_from([8, 24, 40]),
+    s=st.sampled_from([0.3, 0.5]),
+    seed=st.integers(0, 10_000),
+)
+def test_a_fixed_mask_gets_sparsegpts_own_update(rows, cols, s, seed):
+    """Given its own mask back, SparseGPT makes the same updates; given all-kept, none."""
+    w, stats = random_layer(rows, cols, seed)
+    new, keep = sparsegpt_layer(w, stats, s, blocksize=16)
+    again, same = sparsegpt_layer(w, stats, blocksize=16, keep=keep)
+    assert torch.equal(same, keep) and torch.allclose(again, new, atol=1e-5, rtol=1e-4)
+    untouched, _ = sparsegpt_layer(w, stats, keep=torch.ones_like(keep))
+    assert torch.equal(untouched, w)
+
+
+def test_wanda_mask_with_the_update_keeps_the_mask_and_reconstructs_better():
+    w, stats = random_layer(12, 40, 3)
+    mask = row_mask(wanda_scores(w, stats.norms), 0.5)
+    new, keep = sparsegpt_layer(w, stats, keep=mask)
+    assert torch.equal(keep, mask) and (new[~mask] == 0).all()
+    assert reconstruction_error(w, new, stats.gram) < reconstruction_error(w, w * mask, stats.gram)
+    with pytest.raises(ValueError, match="bool mask"):
+        sparsegpt_layer(w, stats, keep=mask.float())
+    with pytest.raises(ValueError, match="not both"):
+        sparsegpt_layer(w, stats, 0.5, keep=mask)
+    a, b = tiny(), tiny()
+    masks_w = prune_llm(a, 0.5, criterion="wanda", calibration=calib())
+    masks_u = prune_llm(b, 0.5, criterion="wanda+update", calibration=calib())
+    first = [n for n in masks_w if n.startswith("blocks.0.")]  # later blocks see other inputs
+    assert first and all(torch.equal(masks_w[n], masks_u[n]) for n in first)
+    assert any(
+        not torch.equal(effective_weight(a.get_submodule(n)), effective_weight(b.get_submodule(n)))
+        for n in masks_w
+    )
+
+
 # ----------------------------------------------------------------------------- whole models
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt", "wanda+update"])
 def test_prune_llm_exact_counts_and_masks_in_force(device, dtype, criterion):
     m = tiny(device, dtype)
     for kw in ({"sparsity": 0.5}, {"nm": (2, 4)}):

@@ -126,3 +126,17 @@ def test_the_text_is_read_from_the_data_folder_then_the_cache_and_a_failed_downl
     with pytest.raises(RuntimeError, match=lm.DATA_DIR_VAR) as failure:
         lm.load_text()
     assert "raw.githubusercontent.com" in str(failure.value) and "no network" in str(failure.value)
+
+
+def test_window_losses_are_the_per_window_parts_of_the_perplexity():
+    import math
+
+    from utils.lab.lm import CharLM, perplexity, window_losses
+
+    torch.manual_seed(0)
+    model = CharLM(11, d_model=16, n_layers=1, n_heads=2, d_ff=32, context=8).eval()
+    tokens = torch.randint(0, 11, (8 * 9 + 5,))
+    losses = window_losses(model, tokens, batch_size=4)
+    assert losses.shape == (9,) and losses.dtype == torch.float64
+    assert math.exp(float(losses.mean())) == pytest.approx(perplexity(model, tokens), rel=1e-6)
+    assert model.training is False

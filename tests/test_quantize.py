@@ -50,9 +50,10 @@ def test_auto_prefers_the_supported_api_and_falls_back_behind_the_guard(monkeypa
     if torchao_available():
         assert int8_api() == "torchao"
     monkeypatch.setattr(quantize, "torchao_available", lambda: False)
+    monkeypatch.setattr(quantize, "torchao_problem", lambda: "ImportError: built for torch 9.9")
     monkeypatch.setattr(quantize, "legacy_available", lambda: True)
     assert int8_api("auto") == "torch.ao"
-    with pytest.raises(RuntimeError, match="pip install torchao"):
+    with pytest.raises(RuntimeError, match=r"built for torch 9\.9.*pip install 'torchao>=0\.17"):
         int8_api("torchao")
     monkeypatch.setattr(quantize, "legacy_available", lambda: False)
     with pytest.raises(RuntimeError, match="no int8 path"):

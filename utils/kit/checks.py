@@ -913,7 +913,8 @@ def check_break_even(fn: Callable[[dict[float, float]], float]) -> Verdict:
 
 def check_modelled_energy(fn: Callable[[float, float, bool], float]) -> Verdict:
     """``fn(macs, weights, on_chip) -> µJ`` per inference under the 45 nm model of ``utils.lab.energy``:
-    a float multiply and add per MAC, one 32-bit read per weight from SRAM (on chip) or DRAM."""
+    a float multiply and add per MAC, one 32-bit read per weight from DRAM, or on chip from an
+    SRAM just large enough for the weights (``energy.sram_read_pj``)."""
     cases = [
         (
             f"{m:g} MACs, {w:g} weights, on_chip={c}",
@@ -923,6 +924,7 @@ def check_modelled_energy(fn: Callable[[float, float, bool], float]) -> Verdict:
         for m, w, c in [
             (416_520, 61_470, True),
             (416_520, 61_470, False),
+            (100_000, 5_000, True),
             (1.3e8, 9.2e6, False),
             (0, 10, True),
         ]

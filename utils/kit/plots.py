@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 plt.rcParams.update(
     {"figure.dpi": 90, "savefig.dpi": 90, "axes.spines.top": False, "axes.spines.right": False}
@@ -16,9 +18,15 @@ plt.rcParams.update(
 
 
 def mask_heatmaps(
-    panels: Mapping[str, torch.Tensor], cmap: str = "Greys", cols: int | None = None
+    panels: Mapping[str, torch.Tensor],
+    cmap: str = "Greys",
+    cols: int | None = None,
+    legend: tuple[str, str] | None = None,
 ) -> Figure:
-    """Side-by-side heat maps of 2-D tensors (masks or magnitudes); black = kept / large."""
+    """Side-by-side heat maps of 2-D tensors (masks or magnitudes); black = kept / large.
+
+    Ticks are whole row and column numbers; ``legend=("kept", "pruned")`` names black and white.
+    """
     cols = cols or len(panels)
     rows = int(np.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
@@ -29,9 +37,16 @@ def mask_heatmaps(
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("input")
         ax.set_ylabel("output unit")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.tight_layout()
+    if legend is not None:
+        swatches = [Patch(facecolor=c, edgecolor="0.5", label=t) for c, t in zip("kw", legend)]
+        fig.legend(handles=swatches, loc="lower center", ncol=2, frameon=False)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 

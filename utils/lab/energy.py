@@ -1,8 +1,9 @@
 """Energy per inference: measured where the hardware exposes it, otherwise a labelled model.
 
-Measured: Intel RAPL counters (Linux, ``/sys/class/powercap``) for the CPU package, NVIDIA's
-NVML (``pynvml``) for a GPU. Modelled: the 45 nm per-operation energies that Han et al. 2015
-quote from Horowitz 2014 -- a model of arithmetic and weight fetches only, not a measurement.
+Measured: RAPL counters (Linux, ``/sys/class/powercap``; Intel, and AMD on recent kernels) for
+the CPU package, NVIDIA's NVML (``pynvml``) energy counter for a GPU. Modelled: the 45 nm
+per-operation energies of Horowitz 2014 (as Han et al. 2015 tabulate them), with the SRAM cost
+chosen by the SRAM's size -- a model of arithmetic and weight fetches only, not a measurement.
 """
 
 from __future__ import annotations
@@ -12,16 +13,34 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Energy per operation at 45 nm, 0.9 V, in picojoules (Horowitz 2014, as tabulated by
-# Han et al. 2015).
+# Han et al. 2015). Horowitz gives SRAM (cache) reads per 64-bit word by size: 10 pJ for 8 KB,
+# 20 pJ for 32 KB, 100 pJ for 1 MB; a 32-bit word costs half. Han et al.'s 5 pJ is the 8 KB one.
 HOROWITZ_45NM_PJ = {
     "32-bit int add": 0.1,
     "32-bit float add": 0.9,
     "32-bit register file": 1.0,
     "32-bit int mult": 3.1,
     "32-bit float mult": 3.7,
-    "32-bit SRAM read": 5.0,
+    "32-bit SRAM read, 8 KB": 5.0,
+    "32-bit SRAM read, 32 KB": 10.0,
+    "32-bit SRAM read, 1 MB": 50.0,
     "32-bit DRAM read": 640.0,
 }
+SRAM_SIZES = {8 * 1024: "8 KB", 32 * 1024: "32 KB", 1024 * 1024: "1 MB"}  # bytes -> table row
+
+
+def sram_read_pj(nbytes: float) -> float:
+    """pJ per 32-bit read from the smallest tabulated SRAM that holds ``nbytes``.
+
+    Larger SRAMs cost more per read (longer wires). Beyond 1 MB Horowitz tabulates nothing, so
+    the 1 MB cost is returned: an optimistic lower bound for a bigger on-chip memory.
+    """
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    size = next((s for s in SRAM_SIZES if nbytes <= s), max(SRAM_SIZES))
+    return HOROWITZ_45NM_PJ[f"32-bit SRAM read, {SRAM_SIZES[size]}"]
+
+
 RAPL = Path("/sys/class/powercap")
 
 
@@ -67,31 +86,55 @@ def measure_cpu_energy(fn: Callable[[], object], seconds: float = 2.0) -> dict |
     return {"joules_per_call": joules / calls, "watts": joules / elapsed, "calls": calls}
 
 
-def nvml_available() -> bool:
-    """True if an NVIDIA GPU's power can be read through pynvml."""
+def _nvml_energy_mj() -> int:
+    """GPU 0's energy counter (mJ since the driver loaded; Volta and later) through pynvml."""
     try:
         import pynvml
+    except ImportError as error:  # optional: only GPU machines have it
+        raise RuntimeError("pynvml is not installed (pip install nvidia-ml-py)") from error
 
-        pynvml.nvmlInit()
-        pynvml.nvmlDeviceGetPowerUsage(pynvml.nvmlDeviceGetHandleByIndex(0))
+    pynvml.nvmlInit()
+    return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(0)))
+
+
+def nvml_available() -> bool:
+    """True if GPU 0's energy counter can be read through pynvml."""
+    try:
+        _nvml_energy_mj()
         return True
-    except Exception:  # not installed, no driver, no GPU: all mean "cannot measure"
+    except Exception:  # not installed, no driver, no GPU, too old a GPU: "cannot measure"
         return False
+
+
+def measure_gpu_energy(fn: Callable[[], object], seconds: float = 2.0) -> dict | None:
+    """Joules per call of ``fn`` from NVML's energy counter; None where it cannot be read.
+
+    The counter covers the whole GPU (idle power included); ``fn`` should end by synchronizing
+    (``torch.cuda.synchronize()``) so that the work it queued is inside the window.
+    """
+    if not nvml_available():
+        return None
+    start, t0, calls = _nvml_energy_mj(), time.perf_counter(), 0
+    while calls == 0 or time.perf_counter() - t0 < seconds:
+        fn()
+        calls += 1
+    joules, elapsed = (_nvml_energy_mj() - start) / 1e3, time.perf_counter() - t0
+    return {"joules_per_call": joules / calls, "watts": joules / elapsed, "calls": calls}
 
 
 def modelled_energy(
     macs: float, weight_words: float, index_words: float = 0.0, on_chip: bool = False
 ) -> dict:
     """Energy (µJ) of one inference under the 45 nm model: a float multiply and add per MAC, and one
-    32-bit read per weight (and per index word) from SRAM if the model fits on chip, else from DRAM.
+    32-bit read per weight (and per index word) from DRAM, or with ``on_chip`` from an SRAM
+    just large enough for all of them (``sram_read_pj``).
 
     Activations, control and data movement inside the chip are left out: it is a model.
     """
     pj = HOROWITZ_45NM_PJ
+    words = weight_words + index_words
     arithmetic = macs * (pj["32-bit float mult"] + pj["32-bit float add"])
-    memory = (weight_words + index_words) * (
-        pj["32-bit SRAM read"] if on_chip else pj["32-bit DRAM read"]
-    )
+    memory = words * (sram_read_pj(4 * words) if on_chip else pj["32-bit DRAM read"])
     return {
         "arithmetic µJ": arithmetic / 1e6,
         "weight reads µJ": memory / 1e6,

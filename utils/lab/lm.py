@@ -308,6 +308,27 @@ def eval_windows(
 
 
 @torch.no_grad()
+def window_losses(
+    model: nn.Module, tokens: Tensor, max_tokens: int | None = None, batch_size: int = 64
+) -> Tensor:
+    """Mean cross-entropy (nats) of each window of :func:`perplexity`, in order (float64).
+
+    The windows are the per-example scores for :func:`utils.lab.stats.compare` (lower is
+    better); ``exp`` of their mean is the perplexity, since every window has the same length.
+    """
+    device = next(model.parameters()).device
+    x, y = eval_windows(tokens, model.context, max_tokens)
+    out = []
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+            logits = model(xb).float()
+            nll = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none")
+            out.append(nll.double().mean(dim=1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def perplexity(
     model: nn.Module, tokens: Tensor, max_tokens: int | None = None, batch_size: int = 64
 ) -> float:

@@ -70,20 +70,19 @@ def to_csr(weight: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> torc
     pointers.
 
     PyTorch builds CSR with int64 indices and also accepts int32 (both index tensors share one
-    dtype). PyTorch warns that sparse CSR support is in beta; that warning is silenced here on
-    purpose.
+    dtype). Every part gets its own storage: ``to_sparse_csr`` leaves the column indices a view
+    into a twice larger buffer, which ``torch.save`` (it writes whole storages) would store too.
+    PyTorch warns that sparse CSR support is in beta; that warning is silenced here on purpose.
     """
     if index_dtype not in (torch.int64, torch.int32):
         raise ValueError(f"CSR indices are torch.int64 or torch.int32, not {index_dtype}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         csr = weight.detach().to_sparse_csr()
-        if index_dtype == torch.int64:
-            return csr
         return torch.sparse_csr_tensor(
-            csr.crow_indices().to(index_dtype),
-            csr.col_indices().to(index_dtype),
-            csr.values(),
+            csr.crow_indices().to(index_dtype, copy=True),
+            csr.col_indices().to(index_dtype, copy=True),
+            csr.values().clone(),
             csr.shape,
             check_invariants=False,
         )  # valid: copied from a CSR

@@ -24,11 +24,17 @@ import torch
 from torch import nn
 
 APIS = ("auto", "torchao", "torch.ao")
+TESTED_TORCHAO = ">=0.17,<0.19"  # pyproject.toml pins this range; tested: torchao 0.18, torch 2.14
+
+
+def torchao_available() -> bool:
+    """True if ``torchao`` imports and its int8 dynamic quantization runs a Linear on the CPU."""
+    return torchao_problem() is None
 
 
 @functools.cache
-def torchao_available() -> bool:
-    """True if ``torchao`` imports and its int8 dynamic quantization runs a Linear on the CPU."""
+def torchao_problem() -> str | None:
+    """Why torchao's int8 path does not run here (None when it does): the error, in one line."""
     quiet = [logging.getLogger(n) for n in ("torch.utils._pytree", "torchao")]
     levels = [lg.level for lg in quiet]
     try:
@@ -41,9 +47,9 @@ def torchao_available() -> bool:
             probe = nn.Sequential(nn.Linear(32, 16))
             quantize_(probe, Int8DynamicActivationInt8WeightConfig())
             probe(torch.randn(2, 32))
-        return True
-    except Exception:  # not installed, or built for another torch: fall back
-        return False
+        return None
+    except Exception as error:  # not installed, or built for another torch: fall back
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
@@ -68,8 +74,9 @@ def int8_api(api: str = "auto") -> str:
         return "torchao"
     if api == "torchao":
         raise RuntimeError(
-            "torchao is not installed or does not run with this torch "
-            f"({torch.__version__}): pip install torchao"
+            f"torchao does not run with this torch ({torch.__version__}): {torchao_problem()}. "
+            f"The book is tested with torchao{TESTED_TORCHAO}; a newer torchao may need a newer "
+            f"torch: pip install 'torchao{TESTED_TORCHAO}'"
         )
     if legacy_available():
         return "torch.ao"

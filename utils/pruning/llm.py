@@ -26,7 +26,7 @@ from utils.pruning.magnitude import (
 )
 from utils.pruning.modes import eval_mode
 
-CRITERIA = ("magnitude", "wanda", "sparsegpt")
+CRITERIA = ("magnitude", "wanda", "sparsegpt", "wanda+update")
 
 
 # ----------------------------------------------------------------------------- masks and scores
@@ -140,13 +140,20 @@ def sparsegpt_layer(
     nm: tuple[int, int] | None = None,
     damp: float = 0.01,
     blocksize: int = 128,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT (Frantar and Alistarh 2023) for one Linear: returns (new weight, keep mask).
 
+    ``keep`` (bool, the weight's shape) fixes the mask instead of choosing it, so that only
+    SparseGPT's update of the kept weights is applied: Wanda's mask with SparseGPT's update is
+    the mask-versus-update ablation of Sun et al. (their section 5). Give it instead of
+    ``sparsity`` and ``nm``.
+
     Columns are processed left to right; each pruned weight's error is spread over the columns
-    not yet processed with the inverse Hessian ``H = 2 X^T X / n`` (OBS). With the upper Cholesky
-    factor ``H^-1 = U^T U``, the saliency of weight ``j`` is ``w_j^2 / U_jj^2``, which equals the
-    OBS cost ``w_j^2 / [(H_F)^-1]_jj`` over the set ``F`` of columns not yet processed.
+    not yet processed with the inverse Hessian ``H = 2 X^T X / n`` (OBS), damped by ``damp``
+    times the mean of ``diag H``. With the upper Cholesky factor ``H^-1 = U^T U``, the saliency
+    of weight ``j`` is ``w_j^2 / U_jj^2``: twice the OBS cost ``w_j^2 / (2 [(H_F)^-1]_jj)`` over
+    the set ``F`` of columns not yet processed (the factor changes no ranking).
 
     **A per-row variant.** The reference code chooses the mask lazily per block of
     ``blocksize`` columns *across all rows* of the block (so rows end up unevenly sparse); here
@@ -160,6 +167,11 @@ def sparsegpt_layer(
     """
     w = weight.detach().float().clone()
     rows, cols = w.shape
+    fixed = keep is not None
+    if fixed and (keep.shape != w.shape or keep.dtype != torch.bool):
+        raise ValueError(f"keep must be a bool mask of shape {tuple(w.shape)}")
+    if fixed and (sparsity is not None or nm is not None):
+        raise ValueError("give keep= or a sparsity / nm, not both")
     if nm is not None:
         blocksize = max(nm[1], blocksize - blocksize % nm[1])
     h = stats.gram.float().to(w.device) * (2 / max(stats.count, 1))
@@ -176,12 +188,12 @@ def sparsegpt_layer(
             f"SparseGPT: the damped Hessian is not positive definite (damp={damp}); "
             "try a larger damp, e.g. 0.1, or more calibration data"
         ) from e
-    keep = torch.ones_like(w, dtype=torch.bool)
+    keep = keep.to(w.device).clone() if fixed else torch.ones_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         d, err = h1.diagonal(), torch.zeros_like(w1)
-        if nm is None:
+        if nm is None and not fixed:
             k = round(sparsity * i2) - round(sparsity * i1)
             keep[:, i1:i2] = _prune_per_row(w1**2 / d**2, k)
         for i in range(i2 - i1):
@@ -282,8 +294,9 @@ def prune_llm(
 ) -> dict[str, Tensor]:
     """One-shot pruning of Linear layers without retraining; returns keep masks by layer.
 
-    ``criterion``: ``"magnitude"`` (|W|), ``"wanda"`` (|W| * ||X_j||) or ``"sparsegpt"`` (OBS
-    reconstruction, which also updates the kept weights). ``sparsity`` is a share per output row
+    ``criterion``: ``"magnitude"`` (|W|), ``"wanda"`` (|W| * ||X_j||), ``"sparsegpt"`` (OBS
+    reconstruction, which also updates the kept weights) or ``"wanda+update"`` (Wanda's mask,
+    then SparseGPT's update of the kept weights). ``sparsity`` is a share per output row
     (one float, or a dict ``{layer: share}``); ``nm=(2, 4)`` keeps 2 of every 4 inputs instead.
     By default the Linear layers of ``model.blocks`` are pruned, block after block: each block's
     calibration inputs come from the model with the earlier blocks already pruned.
@@ -307,6 +320,10 @@ def prune_llm(
                 w = wmods[n].weight
                 if criterion == "sparsegpt":
                     new, keep = sparsegpt_layer(w, stats[n], plan[n], nm, damp)
+                elif criterion == "wanda+update":  # Wanda's mask, SparseGPT's update
+                    scores = wanda_scores(w, stats[n].norms)
+                    mask = nm_mask(scores, *nm) if nm is not None else row_mask(scores, plan[n])
+                    new, keep = sparsegpt_layer(w, stats[n], damp=damp, keep=mask)
                 else:
                     scores = (
                         w.float().abs()
