@@ -26,7 +26,7 @@ def test_every_shipped_classifier_loads_with_its_recorded_accuracy(name, loaders
     _, val, test = loaders
     assert set(RECORDS[name]["seeds"]) == {str(s) for s in zoo.SEEDS}
     for seed, row in RECORDS[name]["seeds"].items():
-        model = zoo.load(name, int(seed), source="subset")
+        model = zoo.load(name, int(seed), source="subset", train=False)
         assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
         assert evaluate(model, test) == row["test"] and evaluate(model, val) == row["val"]
         assert row["val"] == max(row["val_curve"])  # the best validation epoch was kept
@@ -39,11 +39,44 @@ def test_the_language_model_loads_with_its_recorded_perplexity():
     data = char_data()
     assert set(RECORDS["charlm"]["seeds"]) == {str(s) for s in zoo.LM_SEEDS}
     for seed, row in RECORDS["charlm"]["seeds"].items():
-        model = zoo.load("charlm", int(seed))
+        model = zoo.load("charlm", int(seed), train=False)
         got = perplexity(model, data.val[: zoo.LM.select_tokens + 1])
         assert got == pytest.approx(row["val_ppl"], rel=1e-6)
         best = min(ppl for _, ppl in row["select_curve"])
         assert [s for s, p in row["select_curve"] if p == best][0] == row["best_step"]
+
+
+def test_every_member_is_committed_so_that_a_clone_ships_it():
+    import subprocess
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "utils/lab/zoo_weights"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    wanted = [
+        zoo.path(n, s, "subset").relative_to(ROOT).as_posix()
+        for n in ("lenet5", "lenet300100")
+        for s in zoo.SEEDS
+    ]
+    wanted += [zoo.path("charlm", s, "text").relative_to(ROOT).as_posix() for s in zoo.LM_SEEDS]
+    assert set(wanted) <= set(tracked), sorted(set(wanted) - set(tracked))
+
+
+def test_the_lm_loads_without_its_text(monkeypatch):
+    from utils.lab import lm
+
+    monkeypatch.setattr(lm, "char_data", lambda *a, **k: pytest.fail("the text was read"))
+    assert zoo.load("charlm", 0, train=False).head.out_features == RECORDS["charlm"]["vocab_size"]
+
+
+def test_an_explicit_source_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("PRUNING_BOOK_DATA", "mnist")
+    a = zoo.load("lenet5", 0, source="subset", train=False)
+    monkeypatch.delenv("PRUNING_BOOK_DATA")
+    assert torch.equal(a.fc1.weight, zoo.load("lenet5", 0, train=False).fc1.weight)
 
 
 def test_fresh_is_the_deterministic_start_of_training():
@@ -84,7 +117,7 @@ def test_bad_requests_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="seed"):
         zoo.load("lenet5", -1)
     monkeypatch.setattr(zoo, "CACHE", tmp_path)
-    with pytest.raises(FileNotFoundError, match="neither shipped nor cached"):
+    with pytest.raises(FileNotFoundError, match="neither shipped nor cached.*train=True"):
         zoo.load("lenet5", 0, source="mnist", train=False)
 
 

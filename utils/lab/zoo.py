@@ -87,12 +87,21 @@ def fresh(name: str, seed: int = 0) -> nn.Module:
     _check(name, seed)
     set_seed(seed)
     if name == "charlm":
-        from utils.lab.lm import CharLM, char_data
+        from utils.lab.lm import CharLM
 
-        return CharLM(
-            len(char_data().vocab), LM.d_model, LM.n_layers, LM.n_heads, LM.d_ff, LM.context
-        )
+        return CharLM(_vocab_size(), LM.d_model, LM.n_layers, LM.n_heads, LM.d_ff, LM.context)
     return MODELS[name]()
+
+
+def _vocab_size() -> int:
+    """The LM's vocabulary size: recorded with the zoo, so loading the LM needs no text."""
+    if (SHIPPED / "zoo.json").exists():
+        recorded = records()["members"].get("charlm", {}).get("vocab_size")
+        if recorded is not None:
+            return int(recorded)
+    from utils.lab.lm import char_data
+
+    return len(char_data().vocab)
 
 
 def shifted(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -218,7 +227,12 @@ def load(name: str, seed: int = 0, source: str | None = None, train: bool = True
     same recipe on first use (minutes; ``train=False`` raises instead) and cached.
     """
     _check(name, seed)
-    data = "text" if name == "charlm" else resolve_source(source or "subset")
+    if name == "charlm":
+        data = "text"
+    elif source in ("subset", "mnist"):  # an explicit source wins over $PRUNING_BOOK_DATA
+        data = source
+    else:
+        data = resolve_source(source or "subset")
     file = path(name, seed, data)
     if file.exists():
         return _loaded(name, seed, file)
@@ -226,7 +240,12 @@ def load(name: str, seed: int = 0, source: str | None = None, train: bool = True
     if cached.exists():
         return _loaded(name, seed, cached)
     if not train:
-        raise FileNotFoundError(f"zoo member {file.name} is neither shipped nor cached")
+        shipped = sorted(p.stem for p in SHIPPED.glob("*.pt"))
+        raise FileNotFoundError(
+            f"zoo member {file.name} is neither shipped nor cached (shipped: {shipped}); "
+            "train=True trains it with the zoo's recipe (about a minute for a LeNet, ten for "
+            "the LM) and caches it"
+        )
     print(
         f"zoo: {file.name} is not shipped: training it with the zoo's recipe (once; cached "
         f"in {cached.parent})"
