@@ -98,7 +98,7 @@ def table(records: dict) -> str:
         lines.append(
             f"| {name} | {', '.join(r['seeds'])} | SGD {rc['lr']}, momentum {rc['momentum']}, wd "
             f"{rc['weight_decay']}, cosine, {rc['epochs']} epochs, shifts ±{rc['shift']} "
-            f"px | the epoch of best accuracy, {statistics.mean(val):.2f} ± "
+            f"px | the epoch of best accuracy (so biased up), {statistics.mean(val):.2f} ± "
             f"{statistics.stdev(val):.2f} % | "
             f"{statistics.mean(test):.2f} ± {statistics.stdev(test):.2f} % | "
             f"{mins:.0f} min |"

@@ -184,7 +184,11 @@ CASES = {  # check: (right answer, [wrong answers])
     ),
     "check_sparsity": (
         lambda t: float((t == 0).float().mean()),
-        [lambda t: float((t != 0).float().mean()), lambda t: (t == 0).float().mean()],
+        [
+            lambda t: float((t != 0).float().mean()),
+            lambda t: (t == 0).float().mean(),
+            lambda t: float((t.abs() < 1e-3).float().mean()),  # small is not zero
+        ],
     ),
     "check_local_counts": (
         lambda sizes, r: [round(r * n) for n in sizes],

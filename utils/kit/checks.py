@@ -519,6 +519,9 @@ def check_sparsity(fn: Callable[[Tensor], float]) -> Verdict:
     ]
     cases.append(("all zeros", (torch.zeros(5, 5),), 1.0))
     cases.append(("int tensor, half zeros", (torch.tensor([0, 3, 0, 7]),), 0.5))
+    tiny = torch.tensor([1e-8, -1e-30, 0.0, -0.0, 2.0])  # tiny is not zero; -0.0 is
+    cases.append(("tiny non-zero values and -0.0", (tiny,), 0.4))
+    cases.append(("float16", (torch.tensor([0.0, 1e-4, 0.0, 3.0], dtype=torch.float16),), 0.5))
     return run_check("sparsity of a tensor", fn, cases)
 
 

@@ -74,8 +74,10 @@ def check_sparsity_plan(
     (the budget), and the plan must be *measurably better* than the uniform one.
 
     Both plans are pruned with Wanda once per calibration set in ``calibrations`` (at least 3)
-    and scored on validation text the chapter never shows: the last ``max_tokens`` characters of
-    the validation split. The plan passes if its worst perplexity is below the uniform plan's
+    and scored on validation text the chapter never shows: the third block of ``max_tokens`` + 1
+    characters of the validation split (the first two are the chapter's evaluation and tuning
+    text; the zoo chose the model's training step on the last block). Each output row of a
+    layer loses ``round(sparsity * columns)`` weights, and the budget counts them that way. The plan passes if its worst perplexity is below the uniform plan's
     best and its mean is lower by more than both spreads (max - min over the calibration sets)
     and by at least ``min_gain`` of the uniform mean."""
     from utils.lab.lm import char_data, perplexity
@@ -117,12 +119,14 @@ def check_sparsity_plan(
     pruned = sum(
         modules[n].weight.shape[0] * round(s * modules[n].weight.shape[1]) for n, s in plan.items()
     )
-    ok_budget = pruned >= math.ceil(target * total - 1e-9)
+    need = math.ceil(target * total - 1e-9)
+    ok_budget = pruned >= need
     print(
         f"  {'pass' if ok_budget else 'FAIL'}: budget: {pruned:,} weights pruned, "
-        f"{pruned / total:.2%}"
+        f"{pruned / total:.2%} (need at least {need:,}; each row loses round(sparsity * columns))"
     )
-    held_out = char_data().val[-(max_tokens + 1) :]
+    block = max_tokens + 1
+    held_out = char_data().val[2 * block : 3 * block]
     ppl: dict[str, list[float]] = {"yours": [], "uniform": []}
     for calib in calibrations:
         for kind, sparsity in (("yours", plan), ("uniform", target)):

@@ -109,11 +109,15 @@ def nvml_available() -> bool:
 def measure_gpu_energy(fn: Callable[[], object], seconds: float = 2.0) -> dict | None:
     """Joules per call of ``fn`` from NVML's energy counter; None where it cannot be read.
 
-    The counter covers the whole GPU (idle power included); ``fn`` should end by synchronizing
-    (``torch.cuda.synchronize()``) so that the work it queued is inside the window.
+    The counter covers the whole GPU (idle power included: compare candidates measured the same
+    way, interleaved if you can), and NVML's device 0 need not be CUDA's device 0 when
+    ``CUDA_VISIBLE_DEVICES`` is set. ``fn`` should end by synchronizing
+    (``torch.cuda.synchronize()``) so that the work it queued is inside the window; one call
+    before the window warms up kernel selection and the allocator.
     """
     if not nvml_available():
         return None
+    fn()  # warm-up, outside the window
     start, t0, calls = _nvml_energy_mj(), time.perf_counter(), 0
     while calls == 0 or time.perf_counter() - t0 < seconds:
         fn()
