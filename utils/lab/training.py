@@ -181,3 +181,41 @@ def evaluate(
     if total == 0:
         raise ValueError("the loader is empty")
     return correct / total
+
+
+def fine_tune(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    lrs: tuple[float, ...] = (0.003, 0.01, 0.03),
+    epochs: int = 2,
+    seed: int = 0,
+    weight_decay: float = 5e-4,
+    device: torch.device | str | None = None,
+) -> tuple[nn.Module, dict]:
+    """Fine-tune a copy of ``model`` at each learning rate for up to ``epochs`` epochs and
+    return the copy, and its record, with the best **validation** accuracy.
+
+    Every (learning rate, epoch count) pair is a candidate, so the budget and the learning rate
+    are both chosen on validation, never on test. Ties go to fewer epochs, then the smaller
+    rate. Each run starts from ``model`` with the same batch order (``seed``); masks of
+    :mod:`utils.pruning` stay in force, and ``model`` itself is left as it was.
+    """
+    from utils.pruning import clone_model  # the one pruning helper the loops need
+
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise ValueError(f"lrs must be positive learning rates, got {lrs!r}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    best, record = None, {"val": -1.0}
+    for lr in sorted(lrs):
+        m = clone_model(model)
+        set_seed(seed)
+        opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        for epoch in range(1, epochs + 1):
+            train(m, train_loader, epochs=1, optimizer=opt, device=device, progress=False)
+            val = evaluate(m, val_loader, device=device)
+            better = val > record["val"] or (val == record["val"] and epoch < record["epochs"])
+            if better:
+                best, record = clone_model(m), {"lr": lr, "epochs": epoch, "val": val}
+    return best, record
