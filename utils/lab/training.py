@@ -198,7 +198,9 @@ def fine_tune(
 
     Every (learning rate, epoch count) pair is a candidate, so the budget and the learning rate
     are both chosen on validation, never on test. Ties go to fewer epochs, then the smaller
-    rate. Each run starts from ``model`` with the same batch order (``seed``); masks of
+    rate. Each run starts from ``model`` and sees the training set in the same order, shuffled
+    by ``seed`` in batches of ``train_loader``'s size (whatever that loader's own shuffling has
+    done before), so the choice does not depend on what ran earlier. Masks of
     :mod:`utils.pruning` stay in force, and ``model`` itself is left as it was.
     """
     from utils.pruning import clone_model  # the one pruning helper the loops need
@@ -211,9 +213,12 @@ def fine_tune(
     for lr in sorted(lrs):
         m = clone_model(model)
         set_seed(seed)
+        order = torch.Generator().manual_seed(seed)
+        loader = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size,
+                            shuffle=True, generator=order)
         opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
         for epoch in range(1, epochs + 1):
-            train(m, train_loader, epochs=1, optimizer=opt, device=device, progress=False)
+            train(m, loader, epochs=1, optimizer=opt, device=device, progress=False)
             val = evaluate(m, val_loader, device=device)
             better = val > record["val"] or (val == record["val"] and epoch < record["epochs"])
             if better:
