@@ -142,8 +142,12 @@ def _blobs(n, seed):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 2, (n,), generator=g)
     x = torch.randn(n, 8, generator=g) + 1.5 * (2 * y[:, None] - 1)
-    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        TensorDataset(x, y),
+        batch_size=16,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _mlp():
@@ -167,8 +171,9 @@ def test_fine_tune_keeps_the_best_validation_candidate_and_leaves_the_model():
         m = _mlp()
         prune_unstructured(m, 0.5)
         set_seed(5)
-        order = DataLoader(train_l.dataset, batch_size=16, shuffle=True,
-                           generator=torch.Generator().manual_seed(5))
+        order = DataLoader(
+            train_l.dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5)
+        )
         opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
         for _ in range(3):
             train(m, order, epochs=1, optimizer=opt, progress=False)

@@ -214,8 +214,9 @@ def fine_tune(
         m = clone_model(model)
         set_seed(seed)
         order = torch.Generator().manual_seed(seed)
-        loader = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size,
-                            shuffle=True, generator=order)
+        loader = DataLoader(
+            train_loader.dataset, batch_size=train_loader.batch_size, shuffle=True, generator=order
+        )
         opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
         for epoch in range(1, epochs + 1):
             train(m, loader, epochs=1, optimizer=opt, device=device, progress=False)
