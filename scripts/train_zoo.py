@@ -4,7 +4,7 @@ Deterministic on a given machine: every member starts from ``zoo.fresh(name, see
 its batches and shifts from generators seeded by its seed. Writes the float16 checkpoints and
 ``zoo.json`` (recipes, per-seed validation and test accuracy or perplexity, run times) into
 ``utils/lab/zoo_weights/``, and prints the README's table. ``--only lenet5`` (or
-``lenet300100``, ``charlm``) retrains one kind and keeps the others' records.
+``lenet5-half``, ``lenet300100``, ``charlm``) retrains one kind and keeps the others' records.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def table(records: dict) -> str:
             ppl = [s["val_ppl"] for s in seeds]
             rc = r["recipe"]
             lines.append(
-                f"| charlm | {', '.join(r['seeds'])} | AdamW, {rc['steps']} steps, cosine, wd "
+                f"| charlm | {', '.join(map(str, r['seeds']))} | AdamW, {rc['steps']} steps, cosine, wd "
                 f"{rc['weight_decay']} | the step with the lowest perplexity on the last 16,384 "
                 f"validation characters | perplexity on the first 16,384: "
                 f"{statistics.mean(ppl):.3f} ± {statistics.stdev(ppl):.3f} | "
@@ -96,7 +96,7 @@ def table(records: dict) -> str:
         test = [100 * s["test"] for s in seeds]
         rc = r["recipe"]
         lines.append(
-            f"| {name} | {', '.join(r['seeds'])} | SGD {rc['lr']}, momentum {rc['momentum']}, wd "
+            f"| {name} | {', '.join(map(str, r['seeds']))} | SGD {rc['lr']}, momentum {rc['momentum']}, wd "
             f"{rc['weight_decay']}, cosine, {rc['epochs']} epochs, shifts ±{rc['shift']} "
             f"px | the epoch of best accuracy (so biased up), {statistics.mean(val):.2f} ± "
             f"{statistics.stdev(val):.2f} % | "
@@ -108,14 +108,14 @@ def table(records: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["lenet5", "lenet300100", "charlm"])
+    parser.add_argument("--only", choices=[*zoo.MODELS, "charlm"])
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = zoo.SHIPPED / "zoo.json"
     records = json.loads(out.read_text()) if out.exists() else {"members": {}}
     loaders = load_mnist("subset", validation=True, verbose=False)
     t0 = time.perf_counter()
-    for name in ("lenet5", "lenet300100", "charlm"):
+    for name in (*zoo.MODELS, "charlm"):
         if args.only not in (None, name):
             continue
         records["members"][name] = (

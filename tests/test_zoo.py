@@ -21,7 +21,7 @@ def loaders():
     return load_mnist("subset", validation=True, verbose=False)
 
 
-@pytest.mark.parametrize("name", ["lenet5", "lenet300100"])
+@pytest.mark.parametrize("name", list(zoo.MODELS))
 def test_every_shipped_classifier_loads_with_its_recorded_accuracy(name, loaders):
     _, val, test = loaders
     assert set(RECORDS[name]["seeds"]) == {str(s) for s in zoo.SEEDS}
@@ -30,7 +30,7 @@ def test_every_shipped_classifier_loads_with_its_recorded_accuracy(name, loaders
         assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
         assert evaluate(model, test) == row["test"] and evaluate(model, val) == row["val"]
         assert row["val"] == max(row["val_curve"])  # the best validation epoch was kept
-        assert row["test"] > 0.97  # trained, not near its initialization
+        assert row["test"] > (0.96 if name == "lenet5-half" else 0.97)  # trained, not near init
 
 
 def test_the_language_model_loads_with_its_recorded_perplexity():

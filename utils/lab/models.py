@@ -14,16 +14,20 @@ class LeNet5(nn.Module):
 
     MNIST digits are 28x28; :func:`utils.lab.data.load_mnist` pads them to 32x32, the size
     LeNet-5 was designed for, so that two 5x5 convolutions and two poolings leave 16x5x5.
+    ``widths`` (filters of conv1 and conv2, neurons of fc1 and fc2) makes a thinner variant, for
+    example the architecture that structured pruning of half the units leaves, trained from
+    scratch (chapter 4.2).
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int, int] = (6, 16, 120, 84)):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 5)
+        c1, c2, h1, h2 = widths
+        self.conv1 = nn.Conv2d(1, c1, 5)
         self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
+        self.conv2 = nn.Conv2d(c1, c2, 5)
+        self.fc1 = nn.Linear(c2 * 5 * 5, h1)
+        self.fc2 = nn.Linear(h1, h2)
+        self.fc3 = nn.Linear(h2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(F.relu(self.conv1(x)))
