@@ -194,3 +194,17 @@ def test_fine_tune_refuses_bad_arguments_without_touching_the_model(bad):
     with pytest.raises(ValueError):
         fine_tune(model, _blobs(32, 1), _blobs(32, 2), **bad)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_shared_rate_chooses_once_per_setting_and_reuses_it():
+    from utils.lab.training import SharedRate, fine_tune
+
+    train_l, val_l = _blobs(128, 1), _blobs(64, 2)
+    tuned = SharedRate(train_l, val_l, lrs=(0.001, 0.1), epochs=2)
+    first, rec = tuned(_mlp(), "a", seed=0)
+    assert tuned.picked == {"a": rec["lr"]}
+    assert rec == fine_tune(_mlp(), train_l, val_l, lrs=(0.001, 0.1), epochs=2, seed=0)[1]
+    _, again = tuned(_mlp(), "a", seed=1, epochs=3)  # the rate is reused, the epochs its own
+    assert again["lr"] == rec["lr"] and 1 <= again["epochs"] <= 3
+    tuned(_mlp(), "b", seed=1)
+    assert set(tuned.picked) == {"a", "b"}

@@ -225,3 +225,41 @@ def fine_tune(
             if better:
                 best, record = clone_model(m), {"lr": lr, "epochs": epoch, "val": val}
     return best, record
+
+
+class SharedRate:
+    """Fine-tuning for an experiment over several networks: for each setting (``key``, such as
+    a method and a sparsity) the learning rate is chosen on the validation digits of the first
+    network tuned for it, then reused for the others; every network still chooses its own number
+    of epochs on validation. This costs one grid per setting instead of one per network.
+    ``picked`` holds the chosen rates.
+    """
+
+    def __init__(
+        self,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+        lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1),
+        epochs: int = 2,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.lrs, self.epochs, self.device = lrs, epochs, device
+        self.picked: dict = {}
+
+    def __call__(
+        self, model: nn.Module, key, seed: int, epochs: int | None = None
+    ) -> tuple[nn.Module, dict]:
+        """Fine-tune ``model`` for setting ``key``; returns the copy and its record."""
+        lrs = (self.picked[key],) if key in self.picked else self.lrs
+        best, record = fine_tune(
+            model,
+            self.train_loader,
+            self.val_loader,
+            lrs=lrs,
+            epochs=epochs or self.epochs,
+            seed=seed,
+            device=self.device,
+        )
+        self.picked.setdefault(key, record["lr"])
+        return best, record
