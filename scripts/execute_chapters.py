@@ -27,7 +27,11 @@ for arg in sys.argv[1:]:
     nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
     NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        resources={"metadata": {"path": str(path.parent)}},
     ).execute()
     nbformat.write(nb, path)
     print(f"{path}: {time.perf_counter() - t0:.0f} s")

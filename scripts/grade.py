@@ -164,6 +164,7 @@ def worker(submission: Path, spec: list[dict], cell_timeout: int, result_path: P
             run,
             timeout=cell_timeout,
             kernel_name="python3",
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no transport warnings
             allow_errors=True,
             interrupt_on_timeout=True,
             record_timing=False,

@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Run every test: unit and property tests of utils, every chapter under nbval, a strict book build.
-set -euo pipefail
+# The README's test command: set-up, then every test, then a summary of what ran and how long.
+#   1. the fast lane (unit, property, style, packaging, book and course-kit tests), run in a clean
+#      copy of the repository: the files git tracks or would add, nothing ignored or built;
+#   2. the grader end to end (kernels, time-outs; tests marked heavy);
+#   3. the Colab rehearsal, which is also the nbval run: every chapter alone in a clean venv,
+#      each one's time printed, a chapter over the 3-minute budget fails by name;
+#   4. the strict book build (warnings are errors) and the browser test of the site it wrote.
+# Every stage runs even when an earlier one failed; the summary at the end says which failed and
+# where its log is (_build/test-logs/).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-# First, what the tests need beyond Python: the browser test drives Debian's Chromium and its
-# driver (a CJK font, so that the screenshots show the source's Chinese terms). Installed here
-# where this runs as root with apt-get; otherwise the one command to run, and stop, at once.
+start=$SECONDS
+
+# What the tests need beyond Python, decided in the first seconds: the browser test drives
+# Debian's Chromium and its driver (a CJK font, so that the screenshots show the source's Chinese
+# terms). Installed here where this runs as root with apt-get; otherwise the one command to run.
 have_browser() { command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; }
 if ! have_browser; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "test.sh: installing Chromium, chromedriver and a CJK font (apt-get) for the browser test"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      chromium chromium-driver fonts-wqy-zenhei >/dev/null
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver fonts-wqy-zenhei; } >/dev/null || { echo "test.sh: apt-get failed (above)" >&2; exit 1; }
   else
     echo "test.sh: the browser test needs Chromium and chromedriver, which are not installed. Run:" >&2
     echo "  sudo apt-get install chromium chromium-driver fonts-wqy-zenhei" >&2
@@ -19,27 +28,72 @@ if ! have_browser; then
     exit 1
   fi
 fi
-python -m pip install -q -r requirements.txt
+command -v git >/dev/null || { echo "test.sh: git is needed (the clean copy of stage 1)" >&2; exit 1; }
+echo "test.sh: installing requirements.txt (pip, quiet)"
+PIP_ROOT_USER_ACTION=ignore python -m pip install -q --disable-pip-version-check -r requirements.txt \
+  || { echo "test.sh: pip install -r requirements.txt failed (above)" >&2; exit 1; }
 export PRUNING_BOOK_QUIET=1
 # Data from other projects lives beside this one (../shared/data), never inside it; chapters and
 # tests read it from there (utils.lab.lm.load_text), and download it only where it is missing.
 if [ -z "${PRUNING_BOOK_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
   export PRUNING_BOOK_DATA_DIR="$(cd ../shared/data && pwd)"
 fi
-start=$SECONDS
-python -m pytest tests/ -q
-shopt -s nullglob
-chapters=(chapters/*.ipynb)
-if (( ${#chapters[@]} )); then
-  # The Colab rehearsal, which is also the nbval run: each committed chapter, copied alone into an
-  # empty folder, runs under pytest --nbval-lax in a clean venv holding only torch, torchvision and
-  # what Colab preinstalls; its set-up cell installs a wheel built from this checkout (cached venv).
-  python scripts/colab_rehearsal.py --executor nbval "${chapters[@]}"
+
+logs=_build/test-logs
+rm -rf "$logs" && mkdir -p "$logs"
+summary=() failed=()
+stage() {  # stage NAME LOG COMMAND...: run it, output to the screen and to the log, time it
+  local name=$1 log=$logs/$2 t0=$SECONDS
+  shift 2
+  echo
+  echo "== $name"
+  if "$@" 2>&1 | tee "$log"; then status=ok; else status="FAILED (log: $log)"; failed+=("$name"); fi
+  summary+=("$(printf '  %-44s %5d s  %s' "$name" $((SECONDS - t0)) "$status")")
+}
+
+fast_lane_in_a_clean_copy() {
+  local copy
+  copy=$(mktemp -d "${TMPDIR:-/tmp}/pruning-book-clean-XXXXXX")
+  # the files git tracks (as they are now) and the untracked ones it would add; nothing ignored
+  git ls-files -z --cached --others --exclude-standard | python -c '
+import os, shutil, sys
+src, dst = os.getcwd(), sys.argv[1]
+for rel in filter(None, sys.stdin.buffer.read().decode().split("\0")):
+    if os.path.isfile(rel):
+        os.makedirs(os.path.join(dst, os.path.dirname(rel)), exist_ok=True)
+        shutil.copy2(rel, os.path.join(dst, rel))' "$copy"
+  echo "a clean copy in $copy (the package imported from there)"
+  (cd "$copy" && PYTHONPATH="$copy" python -m pytest -m "not heavy" -q -p no:cacheprovider)
+  local rc=$?
+  rm -rf "$copy"
+  return $rc
+}
+
+strict_build() {
+  # the chapters ran in stage 3; this renders their committed outputs (warnings are errors)
+  python scripts/strict_config.py >/dev/null &&
+    jupyter-book build . -W -n --keep-going --config _build/strict_config.yml -q
+}
+
+stage "1. fast lane (clean copy)" fast-lane.log fast_lane_in_a_clean_copy
+stage "2. grader end to end (-m heavy)" heavy.log python -m pytest -m heavy -q tests/
+stage "3. Colab rehearsal + nbval (per chapter)" rehearsal.log \
+  python scripts/colab_rehearsal.py --executor nbval --budget 180 --times "$logs/chapters.txt" chapters/*.ipynb
+stage "4. strict book build" build.log strict_build
+# The browser test of the site just built (headless Chromium, installed above): pages, links,
+# solutions, launch buttons, search, phone width; screenshots in _build/screenshots/.
+stage "5. browser test" browser.log \
+  env PRUNING_BOOK_SITE=_build/html python -m pytest tests/test_site.py -q -k browser -p no:cacheprovider
+
+echo
+echo "== summary (scripts/test.sh, $((SECONDS - start)) s in all)"
+printf '%s\n' "${summary[@]}"
+if [ -f "$logs/chapters.txt" ]; then
+  echo "  chapter times (Colab rehearsal):"
+  sed 's/^/    /' "$logs/chapters.txt"
 fi
-# The chapters ran just above; the strict build renders their committed outputs (warnings are errors).
-python scripts/strict_config.py >/dev/null
-jupyter-book build . -W -n --keep-going --config _build/strict_config.yml -q
-# The browser test of the site just built (headless Chromium, installed above): pages,
-# links, solutions, launch buttons, search, phone width; screenshots in _build/screenshots/.
-PRUNING_BOOK_SITE=_build/html python -m pytest tests/test_site.py -q -k browser -p no:cacheprovider
+if (( ${#failed[@]} )); then
+  echo "FAILED: ${failed[*]}; each stage's log is in $logs/" >&2
+  exit 1
+fi
 echo "all tests passed in $((SECONDS - start)) s"

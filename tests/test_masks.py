@@ -56,7 +56,8 @@ def test_a_masked_out_proj_is_in_force_inside_multihead_attention():
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_masks_stay_in_force_under_every_optimizer_and_inside_attention(name):
     model = attention_model().train()
-    keeps = prune_unstructured(model, 0.7)
+    with pytest.warns(UserWarning, match="in_proj_weight"):  # its packed q/k/v stay dense
+        keeps = prune_unstructured(model, 0.7)
     opt = OPTIMIZERS[name](model.parameters())
     x, y = torch.randn(8, 5, 16), torch.randint(0, 3, (8,))
     for _ in range(5):
@@ -74,13 +75,15 @@ def test_masks_stay_in_force_under_every_optimizer_and_inside_attention(name):
 
 def test_state_dict_round_trip_deepcopy_and_compile():
     model = attention_model().eval()
-    prune_unstructured(model, 0.5)
+    with pytest.warns(UserWarning, match="in_proj_weight"):
+        prune_unstructured(model, 0.5)
     x = torch.randn(2, 5, 16)
     want = model(x)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     fresh = attention_model().eval()
-    prune_unstructured(fresh, 0.0)  # the same parametrizations, masks all ones
+    with pytest.warns(UserWarning, match="in_proj_weight"):
+        prune_unstructured(fresh, 0.0)  # the same parametrizations, masks all ones
     fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
     assert torch.equal(fresh(x), want)
     assert torch.equal(copy.deepcopy(model)(x), want) and torch.equal(clone_model(model)(x), want)
