@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import subprocess
+import symtable
 import sys
 from pathlib import Path
 
@@ -175,55 +176,56 @@ def self_contained(nb, ex):
 # cells, runs wherever no later cell needs a name that only a solution defines (checked here).
 IN_PROCESS = r"""
 import contextlib, io, json, sys
-import nbformat
 sys.path.insert(0, sys.argv[1])
 import grade
 out = {}
-for chapter in sys.argv[2:]:
-    nb = nbformat.read(chapter, as_version=4)
-    imports = json.loads(sys.stdin.readline())
-    for ex in grade.exercise_spec(chapter):
-        if ex["kind"] != "auto" or ex["label"] not in imports["alone"]:
-            continue
-        for who, cells in (("reference", "solution"), ("stub", "stub")):
-            ns = {"__name__": "__main__"}
-            buf = io.StringIO()
-            with contextlib.redirect_stdout(buf):
-                exec(imports["imports"], ns)
-                for c in nb.cells:  # as a kernel runs them: a cell that raises, then the next
-                    tags = c.metadata.get("tags", [])
-                    if c.cell_type == "code" and cells in tags and ex["label"] in tags:
-                        try:
-                            exec(c.source, ns)
-                        except Exception:
-                            pass
+for line in sys.stdin:
+    job = json.loads(line)
+    for who in ("reference", "untouched"):
+        ns = {"__name__": "__main__"}
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            for source in [job["imports"], *job[who]]:  # as a kernel runs a notebook's cells:
+                try:  # one namespace, in order; a cell that raises, then the next
+                    exec(source, ns)
+                except Exception:
+                    pass
+            for ex in job["alone"]:  # then every check, as the grader calls it
                 exec(grade.grading_source(ex), ns)
-            line = buf.getvalue().split(grade.MARK, 1)[1].splitlines()[0]
-            out[f"{chapter}|{ex['label']}|{who}"] = json.loads(line)
+        parts = buf.getvalue().split(grade.MARK)[1:]
+        for ex, part in zip(job["alone"], parts):
+            out[f"{job['chapter']}|{ex['label']}|{who}"] = json.loads(part.splitlines()[0])
 print(grade.MARK + json.dumps(out))
 """
 
 
-def code_imports(nb):
-    """The import statements of the chapter's code cells before its exercises."""
-    return "\n".join(trimmed(nb).cells[1].source.splitlines())
+def exercise_code(nb):
+    """The code cells of the chapter's exercise section, in order (what a trimmed copy runs)."""
+    return [c.source for c in trimmed(nb).cells[2:] if c.cell_type == "code"]
 
 
 @pytest.fixture(scope="module")
 def in_process():
     """Every self-contained exercise of every chapter graded by the grader's own check source, in
-    one fresh Python process (no kernel): the reference solution and the untouched stub."""
+    one fresh Python process (no kernel): the chapter's exercise section with its solutions (the
+    reference) and the student copy of it (untouched), each in one namespace, cells in order."""
     lines = []
     for path in CHAPTERS:
         nb = nbformat.read(path, as_version=4)
         alone = [
-            e["label"]
-            for e in grade.exercise_spec(path)
-            if e["kind"] == "auto" and self_contained(nb, e)
+            e for e in grade.exercise_spec(path) if e["kind"] == "auto" and self_contained(nb, e)
         ]
-        lines.append(json.dumps({"imports": code_imports(nb), "alone": alone}))
+        untouched = student_copy.student_copy(nb, path.stem)
+        job = {
+            "chapter": str(path),
+            "imports": trimmed(nb).cells[1].source,
+            "alone": alone,
+            "reference": exercise_code(nb),
+            "untouched": exercise_code(untouched),
+        }
+        lines.append(json.dumps(job))
     done = subprocess.run(
-        [sys.executable, "-c", IN_PROCESS, str(ROOT / "scripts"), *map(str, CHAPTERS)],
+        [sys.executable, "-c", IN_PROCESS, str(ROOT / "scripts")],
         input="\n".join(lines) + "\n",
         capture_output=True,
         text=True,
@@ -244,9 +246,11 @@ def test_reference_passes_and_untouched_stub_scores_zero_for_every_exercise(path
     assert any(self_contained(nb, e) for e in auto), "at least one exercise grades on its own"
     for ex in auto:
         if self_contained(nb, ex):
-            ref, stub = (in_process[f"{path}|{ex['label']}|{who}"] for who in ("reference", "stub"))
+            ref, stub = (
+                in_process[f"{path}|{ex['label']}|{who}"] for who in ("reference", "untouched")
+            )
             assert "error" not in ref and ref["passed"] == ref["total"] > 0, (ex["label"], ref)
-            assert "error" in stub or stub["passed"] < stub["total"], (ex["label"], stub)
+            assert "error" not in stub and stub["passed"] == 0 < stub["total"], (ex["label"], stub)
         else:
             asserted = [
                 c.source
@@ -257,25 +261,21 @@ def test_reference_passes_and_untouched_stub_scores_zero_for_every_exercise(path
 
 
 def bound_and_loaded(source):
-    """Names a cell binds (assignments, defs, imports, loop targets) and names it reads."""
-    tree = ast.parse(
-        "\n".join(ln for ln in source.splitlines() if not ln.lstrip().startswith(("!", "%")))
-    )
-    bound, loaded = set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            (bound if isinstance(node.ctx, (ast.Store, ast.Del)) else loaded).add(node.id)
-        elif isinstance(node, ast.ClassDef):
-            bound.add(node.name)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            bound.add(node.name)
-            bound.update(a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg))
-        elif isinstance(node, ast.Lambda):
-            bound.update(a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg))
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            bound.add(node.name)
+    """Names a cell binds at its top level (assignments, defs, imports) and the module-level
+    names it reads anywhere, functions included (``x += 1`` both reads and binds ``x``)."""
+    code = "\n".join(ln for ln in source.splitlines() if not ln.lstrip().startswith(("!", "%")))
+    top = symtable.symtable(code, "cell", "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    loaded = {s.get_name() for s in top.get_symbols() if s.is_referenced()}
+    tables = list(top.get_children())
+    while tables:  # names a function or class body reads from the cell's module scope
+        t = tables.pop()
+        tables += t.get_children()
+        loaded |= {
+            s.get_name()
+            for s in t.get_symbols()
+            if s.is_referenced() and (s.is_global() or s.is_free()) and not s.is_assigned()
+        }
     return bound, loaded
 
 
@@ -287,6 +287,10 @@ def test_student_copy_runs_where_the_chapter_runs(path):
     copy_ = student_copy.student_copy(nb, path.stem)
     kept = [c.source for c in nb.cells if c.cell_type == "code" and "solution" not in tags(c)]
     assert [c.source for c in copy_.cells if c.cell_type == "code"] == kept
+    start = next(i for i, c in enumerate(nb.cells) if "## Exercises" in c.source)
+    assert all(
+        {"stub", "solution"} & set(tags(c)) for c in nb.cells[start:] if c.cell_type == "code"
+    ), "every code cell among the exercises is a stub or a solution"
     everywhere, only_solutions = set(), set()
     for c in nb.cells:
         if c.cell_type != "code":
