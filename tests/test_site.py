@@ -248,7 +248,7 @@ def driver():
     if not Path(chromedriver).exists():
         pytest.fail(
             "no chromedriver: install Debian's chromium and chromium-driver "
-            "(.ci/run does: apt-get install chromium chromium-driver fonts-wqy-zenhei)"
+            "(scripts/test.sh does as root: apt-get install chromium chromium-driver fonts-wqy-zenhei)"
         )
     drv = webdriver.Chrome(service=Service(chromedriver), options=options)
     drv.set_page_load_timeout(60)
