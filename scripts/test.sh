@@ -90,7 +90,7 @@ stage "2. grader end to end (-m heavy)" heavy.log python -m pytest -m heavy -q t
 # project's slower machines, whose speed varies by half from hour to hour (see the README).
 stage "3. Colab rehearsal + nbval (per chapter)" rehearsal.log \
   python scripts/colab_rehearsal.py --executor nbval --target 180 \
-    --budget "${PRUNING_BOOK_CHAPTER_BUDGET:-300}" --times "$logs/chapters.txt" chapters/*.ipynb
+    --budget "${PRUNING_BOOK_CHAPTER_BUDGET:-360}" --times "$logs/chapters.txt" chapters/*.ipynb
 stage "4. strict book build" build.log strict_build
 # The browser test of the site just built (headless Chromium, installed above): pages, links,
 # solutions, launch buttons, search, phone width; screenshots in _build/screenshots/.
