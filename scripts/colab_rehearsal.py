@@ -48,7 +48,6 @@ COLAB_PREINSTALLED = [
     "scikit-learn",
     "psutil",
     "tqdm",
-    "numba",
     "ipykernel",
 ]
 EXECUTORS = ["nbclient", "nbformat", "pytest", "nbval"]
@@ -182,10 +181,8 @@ def preflight(venv: Path, folder: Path, wheel: Path) -> None:
         env=env,
         capture_output=True,
     )
-    for left in venv.glob(
-        "lib/python*/site-packages/utils"
-    ):  # numba's cache files, which pip does not
-        if not (left / "__init__.py").exists():  # own, outlive the uninstall
+    for left in venv.glob("lib/python*/site-packages/utils"):  # files that pip does not own
+        if not (left / "__init__.py").exists():  # (such as __pycache__) outlive the uninstall
             shutil.rmtree(left)
     code = (
         "import nbformat, nbclient; nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("

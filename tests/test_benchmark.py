@@ -17,6 +17,10 @@ def test_quick_mode_writes_json(tmp_path, capsys):
     assert set(pruners) == {"utils.pruning", "source listing", "torch.nn.utils.prune"}
     assert all(row["time_s"] > 0 for row in pruners.values())
     assert results["prune_speed"]["weights"] == saved["prune_speed"]["weights"]
+    first = saved["first_call"]["pruners"]  # each pruner's first call, in a fresh process
+    assert set(first) == set(pruners) and all(r["first"] > 0 < r["warm"] for r in first.values())
+    assert first["utils.pruning"]["first call / utils first call"] == 1
+    assert set(saved["first_call_small"]["pruners"]) == {"utils.pruning"}
     assert {r["batch"] for r in saved["structured"]} == {1, 2}
     assert all(
         r["MACs ratio"] > 3 for r in saved["structured"]

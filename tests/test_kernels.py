@@ -15,7 +15,9 @@ from torch import nn
 import utils.pruning.threshold
 from utils.pruning import kernels, prune_unstructured
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason=f"no compiled loops: {kernels.why_not()}"
+)
 DTYPES = (np.float32, np.float64)
 
 
@@ -58,13 +60,32 @@ def test_zero_below_and_keep_flags_like_numpy(dtype, data):
     assert np.array_equal(y, np.where(small, 0, x))
 
 
-def test_loops_split_long_arrays_into_blocks_in_order():
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_loops_split_long_arrays_over_threads_in_order(monkeypatch, threads):
+    monkeypatch.setattr(kernels.torch, "get_num_threads", lambda: threads)
     x = np.random.default_rng(0).standard_normal((1 << 17) * 3 + 5).astype(np.float32)
-    assert kernels._blocks(x.size) > 1
-    at_most_lo, positions, found = kernels.band(x, 0.1, 0.2)
-    inside = (np.abs(x) > np.float32(0.1)) & (np.abs(x) < np.float32(0.2))
-    assert at_most_lo == np.count_nonzero(np.abs(x) <= np.float32(0.1))
-    assert np.array_equal(positions, np.flatnonzero(inside))
+    assert kernels._threads(x.size) == threads
+    a = np.abs(x)
+    for lo, hi in ((0.1, 0.2), (0.0, 5.0)):  # the second holds the whole array: room remade
+        at_most_lo, positions, found = kernels.band(x, lo, hi)
+        inside = (a > np.float32(lo)) & (a < np.float32(hi))
+        assert at_most_lo == np.count_nonzero(a <= np.float32(lo))
+        assert np.array_equal(positions, np.flatnonzero(inside))
+        assert np.array_equal(found, a[inside])
+    flags = np.empty_like(x)
+    assert kernels.keep_flags(x, 0.5, flags) == np.count_nonzero(a >= 0.5)
+    y = x.copy()
+    assert kernels.zero_below(y, 0.5) == np.count_nonzero(a < 0.5)
+    assert np.array_equal(y, np.where(a < 0.5, 0, x)) and np.array_equal(flags, a >= 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_band_refuses_nan_and_infinities_when_asked(dtype):
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.array([0.5, bad, 0.25], dtype)
+        kernels.band(np.abs(x[[0, 2]]), 0.0, 1.0, finite=True)
+        with pytest.raises(kernels.NotFinite):
+            kernels.band(x, 0.0, 1.0, finite=True)
 
 
 def test_loops_refuse_what_they_cannot_read():
@@ -77,6 +98,8 @@ def test_loops_refuse_what_they_cannot_read():
             kernels.band(bad, 0.0, 1.0)
     with pytest.raises(ValueError, match="shape"):
         kernels.keep_flags(np.zeros(4, np.float32), 0.5, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="float32 array"):
+        kernels.keep_flags(np.zeros(4, np.float32), 0.5, np.zeros(4, np.float64))
 
 
 def mixed_model(seed, dtype, ties, channels_last):
@@ -111,7 +134,7 @@ def kernels_everywhere(monkeypatch):
     """Let the compiled loops serve even small models, and count their calls."""
     calls = []
     band = kernels.band
-    monkeypatch.setattr(kernels, "band", lambda *a: calls.append(a) or band(*a))
+    monkeypatch.setattr(kernels, "band", lambda *a, **k: calls.append(a) or band(*a, **k))
     with utils.pruning.threshold.tuned(kernels_from=0):
         yield calls
 
@@ -196,7 +219,7 @@ def test_the_compiled_path_is_taken(kernels_everywhere):
 def test_a_large_model_takes_the_compiled_path_and_a_small_one_does_not(monkeypatch):
     calls = []
     band = kernels.band
-    monkeypatch.setattr(kernels, "band", lambda *a: calls.append(a) or band(*a))
+    monkeypatch.setattr(kernels, "band", lambda *a, **k: calls.append(a) or band(*a, **k))
     prune_unstructured(nn.Linear(64, 64), 0.5, inplace=True)
     assert not calls
     prune_unstructured(nn.Linear(2048, 2048), 0.5, inplace=True)  # 4 M weights
@@ -215,16 +238,46 @@ def test_other_dtypes_and_masked_weights_stay_on_the_eager_path(kernels_everywhe
     assert not kernels_everywhere
 
 
-def test_not_available_without_jit_or_in_a_forked_process(monkeypatch):
-    kernels.band(np.ones(4, np.float32), 0.0, 2.0)  # the thread pool has started in this process
-    assert kernels.available()
-    monkeypatch.setattr(kernels.os, "getpid", lambda: -1)
-    assert not kernels.available()
-    with pytest.raises(RuntimeError, match="forked"):
+def fresh_load(monkeypatch, **env):
+    """Forget the loaded library and load it again under ``env``."""
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return kernels.available()
+
+
+def test_switched_off_or_without_a_compiler_the_loops_say_why(monkeypatch, tmp_path):
+    assert not fresh_load(monkeypatch, PRUNING_BOOK_NO_KERNELS="1")
+    assert "PRUNING_BOOK_NO_KERNELS" in kernels.why_not()
+    with pytest.raises(RuntimeError, match="not available"):
         kernels.band(np.ones(4, np.float32), 0.0, 2.0)
-    monkeypatch.undo()
-    monkeypatch.setattr(kernels.numba.config, "DISABLE_JIT", True)
-    assert not kernels.available()
+    monkeypatch.delenv("PRUNING_BOOK_NO_KERNELS")
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    assert not fresh_load(monkeypatch, PRUNING_BOOK_KERNEL_CACHE=str(tmp_path))
+    assert "no C compiler" in kernels.why_not()
+
+
+def test_a_broken_compiler_is_reported_and_nothing_half_built_is_left(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_compiler", lambda: "false")  # exits 1, writes nothing
+    assert not fresh_load(monkeypatch, PRUNING_BOOK_KERNEL_CACHE=str(tmp_path))
+    assert "failed" in kernels.why_not()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_cache_folder_others_can_write_to_is_refused(monkeypatch, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    assert not fresh_load(monkeypatch, PRUNING_BOOK_KERNEL_CACHE=str(shared))
+    assert "not this user's alone" in kernels.why_not() and not list(shared.iterdir())
+
+
+def test_the_library_is_built_once_into_its_cache_then_loaded(monkeypatch, tmp_path):
+    assert fresh_load(monkeypatch, PRUNING_BOOK_KERNEL_CACHE=str(tmp_path))
+    built = list(tmp_path.glob("kernels-*.so"))
+    assert len(built) == 1 and kernels.why_not() is None
+    monkeypatch.setattr(kernels, "_build", lambda *a: pytest.fail("built twice"))
+    assert fresh_load(monkeypatch)
 
 
 FORK_AND_THREADS = """
@@ -243,16 +296,16 @@ def job():
         prune_unstructured(nn.Linear(512, 512), 0.5, inplace=True)
     except Exception as e:
         errors.append(e)
-job()  # in the main thread first: numba's OpenMP start-up sets the thread count of this thread
+job()  # in the main thread first
 assert torch.get_num_threads() == 1, "the loops changed torch's thread count"
 threads = [threading.Thread(target=job) for _ in range(4)]
 for t in threads: t.start()
 for t in threads: t.join()
 assert not errors, errors
 pid = os.fork()
-if pid == 0:  # like a DataLoader worker: torch ops, and pruning on the eager path
+if pid == 0:  # like a DataLoader worker: the loops start their threads per call, so they run
     job()
-    os._exit(0 if not errors and not kernels.available() else 1)
+    os._exit(0 if not errors and kernels.available() else 1)
 _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
@@ -269,23 +322,27 @@ def test_thread_count_concurrent_calls_and_a_forked_child_after_the_compiled_pat
     assert run.returncode == 0, run.stderr[-2000:]
 
 
-def test_without_numba_the_eager_path_gives_the_same_result(monkeypatch):
+def test_without_the_loops_the_eager_path_gives_the_same_result(monkeypatch):
     a, b = mixed_model(3, torch.float32, True, False), mixed_model(3, torch.float32, True, False)
     with utils.pruning.threshold.tuned(kernels_from=0):
         prune_unstructured(a, 0.6, inplace=True)
-        monkeypatch.setattr(kernels, "numba", None)
-        assert not kernels.available()
+        assert not fresh_load(monkeypatch, PRUNING_BOOK_NO_KERNELS="1")
         prune_unstructured(b, 0.6, inplace=True)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
-def test_nan_weights_are_refused_before_the_compiled_path_changes_anything(kernels_everywhere):
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("scope, ratio", [("global", 0.5), ("local", 0.5), ("global", 0.0)])
+def test_nan_weights_are_refused_before_the_compiled_path_changes_anything(
+    kernels_everywhere, bad, scope, ratio
+):
     model = mixed_model(4, torch.float32, False, False)
     with torch.no_grad():
-        model[3].weight[0, 0] = float("nan")
+        model[3].weight[0, 0] = bad
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        prune_unstructured(model, 0.5, inplace=True)
+    with pytest.raises(ValueError, match="layer '3' has NaN or infinite"):
+        prune_unstructured(model, ratio, scope, inplace=True)
+    assert kernels_everywhere or ratio == 0
     assert all(
         torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in model.state_dict().items()
     )

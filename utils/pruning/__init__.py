@@ -1,14 +1,14 @@
 """The pruning library: what you can reuse in your own project.
 
-It imports torch and numpy (numba, optional, for the compiled loops of large models; pandas for
-``sparsity_report`` only), and nothing of the book's lab kit (``utils.lab``) or book kit
-(``utils.kit``); a test enforces that.
+It imports torch and numpy (pandas for ``sparsity_report`` only; the compiled loops of large
+models are C, built with the system's compiler on first use), and nothing of the book's lab
+kit (``utils.lab``) or book kit (``utils.kit``); a test enforces that.
 
 - :mod:`~utils.pruning.magnitude`: equations 3.1 (unstructured) and 3.2 (structured), fixed;
   2:4 masks; sparsity reports. Re-exported here.
 - :mod:`~utils.pruning.masks`: masks as ``torch.nn.utils.parametrize`` parametrizations.
 - :mod:`~utils.pruning.threshold`: the exact k-th smallest score over many tensors, chunked.
-- :mod:`~utils.pruning.kernels`: compiled loops (numba) for the threshold of large models.
+- :mod:`~utils.pruning.kernels`: compiled loops (C, built on first use) for large models.
 - :mod:`~utils.pruning.graph`: the torch.fx data flow (output layers, BatchNorms, flattens).
 - :mod:`~utils.pruning.surgery`: ``shrink``, a physically smaller copy of a pruned model.
 - :mod:`~utils.pruning.modes`: ``eval_mode``, a block in eval mode, the mode restored after.

@@ -1,245 +1,254 @@
-"""Compiled CPU loops for magnitude pruning at scale: each job in one pass, no temporaries.
+"""Compiled CPU loops for magnitude pruning at scale: each job in one read, no temporaries.
 
 Eager PyTorch counts, gathers and zeroes weights by magnitude with several ops per chunk,
 each reading its input and writing a temporary, so pruning a billion weights in place costs
-about twenty reads of them. These loops, compiled by numba (once per machine, then cached on
-disk) and run in parallel over blocks, do each job in one read. They take 1-D numpy views of
-contiguous float32 or float64 CPU tensors; ``utils.pruning.threshold`` uses them for large tensors
-and keeps the eager ops for every other case (other dtypes, GPUs, masks) and where numba is
-missing. Both paths give the same result (tests/test_kernels.py).
+about twenty reads of them. The loops of ``kernels.c`` do each job in one read, on as many
+threads as torch uses. They are compiled with the system's C compiler (``cc``, or ``$CC``) the
+first time they are needed on a machine (about a second), then loaded from a cache in
+milliseconds, so a first call pays almost nothing for them. They take 1-D numpy views of
+contiguous float32 or float64 CPU tensors; ``utils.pruning.threshold`` uses them for large
+tensors and keeps the eager ops for every other case (other dtypes, GPUs, masks) and wherever
+no C compiler is found (:func:`why_not` says why). Both paths give the same result, bit for bit
+(tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
-try:
-    import numba
-except ImportError:  # the eager path still works
-    numba = None
-
+SOURCE = Path(__file__).with_name("kernels.c")
+ENV_OFF = "PRUNING_BOOK_NO_KERNELS"  # set to 1: never compile or load the loops (eager path)
+ENV_CACHE = "PRUNING_BOOK_KERNEL_CACHE"  # the folder of the compiled library
 _UINT = {
-    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF),
-    np.dtype(np.float64): (np.uint64, 0x7FFFFFFFFFFFFFFF),
+    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, "f32", ctypes.c_uint32),
+    np.dtype(np.float64): (np.uint64, 0x7FFFFFFFFFFFFFFF, "f64", ctypes.c_uint64),
 }
+_LOADED: dict = {}  # "lib": the library or None, "why": why not
+_LOAD_LOCK = threading.Lock()
 
 
-_LOCK = threading.Lock()  # numba's fallback thread pool ("workqueue") aborts on concurrent calls
-_STARTED_IN: list[int] = []  # the process that started numba's thread pool (GNU OpenMP, or
-# numba's own "workqueue"; neither may be used again in a process forked from it)
+def _cache_dirs() -> list[Path]:
+    """Where the compiled library is kept: ``$PRUNING_BOOK_KERNEL_CACHE``, else the user's
+    cache folder, else the temporary folder."""
+    if os.environ.get(ENV_CACHE):
+        return [Path(os.environ[ENV_CACHE])]
+    home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    own = f"pruning-book-cache-{os.getuid()}" if hasattr(os, "getuid") else "pruning-book-cache"
+    return [Path(home) / "pruning-book", Path(tempfile.gettempdir()) / own]
+
+
+def _safe(folder: Path) -> None:
+    """Refuse a cache folder that another user could write to (a library there would run as
+    this user): it must be ours and not writable by group or others."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = folder.stat()
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise OSError(f"{folder} is not this user's alone (owner or group/other write)")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or next(
+        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None
+    )
+
+
+def _build(cc: str, target: Path) -> None:
+    """Compile ``kernels.c`` into ``target``, atomically (a half-written file is never seen)."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, "-O3", "-shared", "-fPIC", "-pthread", str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    """The compiled library, built on first use and then cached; None where it cannot be."""
+    if os.environ.get(ENV_OFF, "") not in ("", "0"):
+        _LOADED.update(lib=None, why=f"${ENV_OFF} is set")
+        return None
+    if sys.platform == "win32":
+        _LOADED.update(lib=None, why="the loops are built for Linux and macOS only")
+        return None
+    cc = _compiler()
+    if cc is None:
+        _LOADED.update(lib=None, why="no C compiler (cc, gcc or clang) was found")
+        return None
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + f"{cc}|{platform.machine()}|{sys.platform}".encode()
+    ).hexdigest()[:16]
+    errors = []
+    for folder in _cache_dirs():
+        path = folder / f"kernels-{key}.so"
+        try:
+            _safe(folder)
+            if not path.exists():
+                _build(cc, path)
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+            _LOADED.update(lib=lib, why=None)
+            return lib
+        except (OSError, subprocess.SubprocessError) as error:
+            errors.append(f"{folder}: {error}")
+    _LOADED.update(lib=None, why="; ".join(errors))
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix, uint in (("f32", ctypes.c_uint32), ("f64", ctypes.c_uint64)):
+        getattr(lib, f"band_{suffix}").argtypes = [p, i64, uint, uint, i32, i64, p, p, p]
+        getattr(lib, f"band_{suffix}").restype = None
+        getattr(lib, f"zero_{suffix}").argtypes = [p, i64, uint, i32]
+        getattr(lib, f"zero_{suffix}").restype = i64
+        getattr(lib, f"keep_{suffix}").argtypes = [p, i64, uint, p, i32]
+        getattr(lib, f"keep_{suffix}").restype = i64
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (built or loaded once per process), or None."""
+    if "lib" not in _LOADED:
+        with _LOAD_LOCK:
+            if "lib" not in _LOADED:
+                _load()
+    return _LOADED["lib"]
 
 
 def available() -> bool:
-    """Whether the compiled loops can run here: numba importable and compiling, and this is
-    not a process forked after they ran (their thread pool does not survive a fork)."""
-    if numba is None or numba.config.DISABLE_JIT:
-        return False
-    return not _STARTED_IN or _STARTED_IN[0] == os.getpid()
+    """Whether the compiled loops can run here (a C compiler, or the library in the cache)."""
+    return library() is not None
 
 
-@contextlib.contextmanager
-def _pool() -> Iterator[None]:
-    """Run with as many threads as torch uses, one call at a time. Starting numba's OpenMP pool
-    resets the thread count that torch reads; it is put back, else a process forked after this
-    (a DataLoader worker that set one thread) would enter OpenMP and hang."""
-    if (
-        _STARTED_IN and _STARTED_IN[0] != os.getpid()
-    ):  # before the lock, which a fork may have copied held
-        raise RuntimeError(
-            "the compiled loops cannot run in a process forked after they ran "
-            "(kernels.available() is False here; the eager path works)"
-        )
-    with _LOCK:
-        if not _STARTED_IN:
-            _STARTED_IN.append(os.getpid())
-        threads = torch.get_num_threads()
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        try:
-            yield
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+def why_not() -> str | None:
+    """Why the compiled loops are not available (None when they are)."""
+    library()
+    return _LOADED["why"]
 
 
-def _blocks(n: int) -> int:
-    """Blocks for the parallel loops: enough to share out, each at least 64 K elements."""
-    return max(1, min(n >> 16, 64))
+def _threads(n: int) -> int:
+    """Threads for ``n`` elements: torch's count, each with at least 64 K elements."""
+    return max(1, min(torch.get_num_threads(), n >> 16, 64))
 
 
-# The loops compare bit patterns: for floats of one sign, the order of |x| is the order of
-# their bits with the sign bit cleared, as unsigned integers. So |x| <= v is "bits < key",
-# one integer compare that vectorises, and a band lo < |x| < hi is one unsigned compare.
-
-
-def _bits(x: np.ndarray) -> tuple[np.ndarray, object]:
-    """``x`` viewed as unsigned integers, and the mask that clears the sign bit."""
+def _bits(x: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """``x`` viewed as unsigned integers, and its (uint, mask, suffix, ctype)."""
     if x.dtype not in _UINT or x.ndim != 1 or not x.flags.c_contiguous:
         raise ValueError(
             f"the compiled loops take 1-D contiguous float32 or float64 arrays, got "
             f"{x.dtype} of shape {x.shape}"
         )
-    uint, mask = _UINT[x.dtype]
-    return x.view(uint), uint(mask)
+    kind = _UINT[x.dtype]
+    return x.view(kind[0]), kind
 
 
-def _key_below(x: np.ndarray, value: float) -> object:
+def _key_below(x: np.ndarray, value: float) -> int:
     """The key K with |x| < value exactly where (bits of |x|) < K. ``value`` is rounded to
     x's dtype first, as torch does when it compares a tensor with a Python number."""
-    uint = _UINT[x.dtype][0]
     v = x.dtype.type(value)
-    return uint(0) if not v > 0 else np.array(v, x.dtype).view(uint)[()]
+    return 0 if not v > 0 else int(np.array(v, x.dtype).view(_UINT[x.dtype][0])[()])
 
 
-def _key_at_most(x: np.ndarray, value: float) -> object:
+def _key_at_most(x: np.ndarray, value: float) -> int:
     """The key K with |x| <= value exactly where (bits of |x|) < K."""
-    uint = _UINT[x.dtype][0]
     v = x.dtype.type(value)
-    return uint(0) if not v >= 0 else uint(int(np.array(abs(v), x.dtype).view(uint)[()]) + 1)
+    return 0 if not v >= 0 else int(np.array(abs(v), x.dtype).view(_UINT[x.dtype][0])[()]) + 1
 
 
-def band(x: np.ndarray, lo: float, hi: float) -> tuple[int, np.ndarray, np.ndarray]:
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the compiled loops are not available: {why_not()}")
+    return lib
+
+
+class NotFinite(ValueError):
+    """:func:`band` found NaN or infinite values where it was asked to refuse them."""
+
+
+def band(
+    x: np.ndarray, lo: float, hi: float, finite: bool = False
+) -> tuple[int, np.ndarray, np.ndarray]:
     """The number of ``|x| <= lo``, and the positions and values of ``|x|`` strictly between
-    ``lo`` and ``hi``, in order: two reads of ``x`` (count, then copy). No NaN in ``x``."""
-    xb, mask = _bits(x)
-    first, end = _key_at_most(x, lo), _key_below(x, hi)  # band: first <= bits < end
+    ``lo`` and ``hi``, in order: one read of ``x`` (a second one only if the band holds more
+    than 1/64 of it). No NaN in ``x``; ``finite=True`` raises :class:`NotFinite` if it holds
+    NaN or an infinity (checked in the same read)."""
+    xb, (uint, mask, suffix, _) = _bits(x)
+    first, end = _key_at_most(x, lo), _key_below(x, hi)
     end = max(end, first)
-    with _pool():
-        at_most_lo, inside = _count(xb, mask, first, end, _blocks(x.size))
-        if not inside.any():
-            return int(at_most_lo), np.zeros(0, np.int64), np.zeros(0, x.dtype)
-        positions, values = _gather(xb, mask, first, end - first, inside)
-    return int(at_most_lo), positions, values.view(x.dtype)
+    threads, fn = _threads(x.size), getattr(_lib(), f"band_{suffix}")
+    cap = max(1024, -(-x.size // (64 * threads)))
+    while True:
+        pos, vals = np.empty(cap * threads, np.int64), np.empty(cap * threads, x.dtype)
+        res = np.zeros(3 * threads, np.int64)
+        fn(
+            xb.ctypes.data,
+            x.size,
+            first,
+            end,
+            threads,
+            cap,
+            pos.ctypes.data,
+            vals.ctypes.data,
+            res.ctypes.data,
+        )
+        if finite and res[2::3].any():
+            raise NotFinite(f"{int(res[2::3].sum())} NaN or infinite values")
+        found = res[1::3]
+        if found.max(initial=0) <= cap:
+            break
+        cap = int(found.max())  # the band was wider than room was made for: once more, exact
+    parts = [slice(k * cap, k * cap + int(found[k])) for k in range(threads)]
+    positions = np.concatenate([pos[s] for s in parts]) if threads > 1 else pos[parts[0]]
+    values = np.concatenate([vals[s] for s in parts]) if threads > 1 else vals[parts[0]]
+    return int(res[0::3].sum()), positions, values
 
 
 def zero_below(x: np.ndarray, value: float) -> int:
     """Set to zero, in place, the entries with ``|x| < value`` (keeping their sign, as
     multiplying by 0 does); their number."""
-    xb, mask = _bits(x)
-    with _pool():
-        return int(_zero(xb, mask, _key_below(x, value), ~mask, _blocks(x.size)))
+    xb, (_, _, suffix, _) = _bits(x)
+    return int(
+        getattr(_lib(), f"zero_{suffix}")(
+            xb.ctypes.data, x.size, _key_below(x, value), _threads(x.size)
+        )
+    )
 
 
 def keep_flags(x: np.ndarray, value: float, out: np.ndarray) -> int:
     """Write 1 into ``out`` where ``|x| >= value`` and 0 elsewhere; the number of ones."""
-    xb, mask = _bits(x)
-    if out.shape != x.shape:
-        raise ValueError(f"out has shape {out.shape}, x {x.shape}")
-    with _pool():
-        return int(_keep(xb, mask, _key_below(x, value), out, _blocks(x.size)))
+    xb, (_, _, suffix, _) = _bits(x)
+    if out.shape != x.shape or out.dtype != x.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a contiguous {x.dtype} array of shape {x.shape}, got "
+            f"{out.dtype} of shape {out.shape}"
+        )
+    return int(
+        getattr(_lib(), f"keep_{suffix}")(
+            xb.ctypes.data, x.size, _key_below(x, value), out.ctypes.data, _threads(x.size)
+        )
+    )
 
 
 def warm_up() -> float:
-    """Compile (first use on a machine) or load the loops for float32; the seconds it took.
-    A one-off per process, which timings of the loops themselves should leave out."""
+    """Build (first use on a machine) or load the loops; the seconds it took."""
     t0 = time.perf_counter()
-    x = np.linspace(-1, 1, 1 << 12, dtype=np.float32)
-    band(x, 0.25, 0.5)
-    keep_flags(x, 0.5, np.empty_like(x))
-    zero_below(x, 0.5)
+    available()
     return time.perf_counter() - t0
-
-
-def _compiler(**options):
-    """numba.njit, cached on disk where numba finds a writable folder (else per process)."""
-
-    def wrap(fn):
-        try:
-            return numba.njit(cache=True, **options)(fn)
-        except RuntimeError:  # "cannot cache function ...: no locator available"
-            return numba.njit(**options)(fn)
-
-    return wrap
-
-
-if numba is not None:
-    # Each parallel loop hands whole blocks to a plain compiled function (the form LLVM
-    # vectorises). Counting is `if ...: c += 1`; the copy branches on a rare event only.
-    jit, parallel, prange = _compiler(), _compiler(parallel=True), numba.prange
-
-    @jit
-    def _count_block(xb, mask, first, end):
-        below = below_end = 0
-        for i in range(xb.size):
-            m = xb[i] & mask
-            if m < first:
-                below += 1
-            if m < end:
-                below_end += 1
-        return below, below_end - below
-
-    @parallel
-    def _count(xb, mask, first, end, nblocks):
-        """All bits < first, and per block the number with first <= bits < end."""
-        n, step = xb.size, (xb.size + nblocks - 1) // nblocks
-        below, inside = np.zeros(nblocks, np.int64), np.zeros(nblocks, np.int64)
-        for b in prange(nblocks):
-            below[b], inside[b] = _count_block(
-                xb[b * step : min(n, (b + 1) * step)], mask, first, end
-            )
-        return below.sum(), inside
-
-    @jit
-    def _gather_block(xb, offset, mask, first, width, positions, values, j):
-        for i in range(xb.size):
-            m = xb[i] & mask
-            if m - first < width:  # unsigned: below first wraps round to a large number
-                values[j], positions[j] = m, offset + i
-                j += 1
-
-    @parallel
-    def _gather(xb, mask, first, width, inside):
-        """The positions and bits (sign cleared) with first <= bits < first + width, in order."""
-        nblocks = inside.size
-        n, step = xb.size, (xb.size + nblocks - 1) // nblocks
-        starts = np.zeros(nblocks + 1, np.int64)
-        for b in range(nblocks):
-            starts[b + 1] = starts[b] + inside[b]
-        positions, values = np.empty(starts[-1], np.int64), np.empty(starts[-1], xb.dtype)
-        for b in prange(nblocks):
-            s = b * step
-            _gather_block(
-                xb[s : min(n, s + step)], s, mask, first, width, positions, values, starts[b]
-            )
-        return positions, values
-
-    @jit
-    def _zero_block(xb, mask, end, sign):
-        zeroed = 0
-        for i in range(xb.size):
-            small = (xb[i] & mask) < end
-            xb[i] = xb[i] & sign if small else xb[i]  # all uint (numba makes `uint64 or 0` a float)
-            zeroed += small
-        return zeroed
-
-    @parallel
-    def _zero(xb, mask, end, sign, nblocks):
-        n, step = xb.size, (xb.size + nblocks - 1) // nblocks
-        zeroed = np.zeros(nblocks, np.int64)
-        for b in prange(nblocks):
-            zeroed[b] = _zero_block(xb[b * step : min(n, (b + 1) * step)], mask, end, sign)
-        return zeroed.sum()
-
-    @jit
-    def _keep_block(xb, mask, end, out):
-        kept = 0
-        for i in range(xb.size):
-            big = (xb[i] & mask) >= end
-            out[i] = 1 if big else 0
-            kept += big
-        return kept
-
-    @parallel
-    def _keep(xb, mask, end, out, nblocks):
-        n, step = xb.size, (xb.size + nblocks - 1) // nblocks
-        kept = np.zeros(nblocks, np.int64)
-        for b in prange(nblocks):
-            s, e = b * step, min(n, (b + 1) * step)
-            kept[b] = _keep_block(xb[s:e], mask, end, out[s:e])
-        return kept.sum()

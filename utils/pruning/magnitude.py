@@ -26,6 +26,7 @@ from utils.pruning import masks
 from utils.pruning.graph import LAYERS, following_batchnorms, output_layers, unit_axis
 from utils.pruning.threshold import (
     Buffers,
+    NonFiniteScores,
     Source,
     Threshold,
     chunks,
@@ -252,14 +253,21 @@ def prune_unstructured(
             "the model carries pruning masks; make_permanent(model) first, or use inplace=False"
         )
     with torch.no_grad():
-        for t in tensors:
-            _check_finite(t)
         dtype = _score_dtype(tensors)
         sources = [_magnitude(t, dtype) for t in tensors]
+        compiled = use_kernels(sources)  # they check finiteness in their first read
+        for t in tensors if not compiled else ():
+            _check_finite(t)
         buffers = Buffers()
-        thresholds = _choose_weights(
-            tensors, sources, r, scope, buffers
-        )  # raises before anything changes
+        try:  # raises before anything changes
+            thresholds = _choose_weights(tensors, sources, r, scope, buffers)
+        except NonFiniteScores as error:
+            raise ValueError(
+                f"layer {tensors[error.source].names[0]!r} has NaN or infinite weights"
+            ) from None
+        for t, th in zip(tensors, thresholds) if compiled else ():
+            if th.value == -math.inf:  # k = 0: no pass of the loops has looked at it
+                _check_finite(t)
         return _zero_weights(tensors, sources, thresholds, inplace, buffers)
 
 
@@ -301,7 +309,10 @@ def _choose_weights(
                 f"layer {t.names[0]!r} already has {a} pruned weights, more than "
                 f"round(ratio * n) = {k}; pruned weights stay pruned"
             )
-        thresholds.append(kth_smallest([source], k, buffers))
+        try:
+            thresholds.append(kth_smallest([source], k, buffers))
+        except NonFiniteScores:
+            raise NonFiniteScores(len(thresholds)) from None  # the index of this tensor
     return thresholds
 
 
@@ -331,7 +342,7 @@ def _zero_weights(
             if inplace:
                 out[name] = kept
             else:
-                masks.set_mask(m, "weight", full_mask)
+                masks.install(m, "weight", full_mask if len(t.modules) == 1 else full_mask.clone())
                 out[name] = full_mask.bool()
     return out
 

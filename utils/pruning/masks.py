@@ -96,14 +96,24 @@ def set_mask(module: nn.Module, name: str, keep: Tensor) -> None:
         raise ValueError(f"the mask has shape {tuple(keep.shape)}, {name} {tuple(tensor.shape)}")
     if keep.dtype != torch.bool and not bool(((keep == 0) | (keep == 1)).all()):
         raise ValueError("a mask holds only 0 and 1 (or False and True)")
+    if mask_of(module, name) is not None:
+        install(module, name, keep)
+    else:  # a copy of its own: the caller's tensor must not become the live mask of this module
+        install(module, name, keep.to(device=tensor.device, dtype=tensor.dtype, copy=True))
+
+
+def install(module: nn.Module, name: str, mask: Tensor) -> None:
+    """:func:`set_mask` without its checks, for callers that built ``mask`` themselves: a 0/1
+    tensor of the Parameter's shape, dtype and device, which becomes the live mask (no copy)
+    unless a mask is there already, which is overwritten in place."""
     old = mask_of(module, name)
     if old is not None:
-        old.copy_(keep)
+        old.copy_(mask)
         return
     _own_class(module)
-    # a copy of its own: the caller's tensor must not become the live mask of this module
-    mask = keep.to(device=tensor.device, dtype=tensor.dtype, copy=True)
-    parametrize.register_parametrization(module, name, Mask(mask))
+    # unsafe: skip torch's check, which computes the masked tensor once (the mask keeps the
+    # tensor's shape and dtype by construction)
+    parametrize.register_parametrization(module, name, Mask(mask), unsafe=True)
 
 
 def load_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
