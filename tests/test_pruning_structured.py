@@ -54,6 +54,43 @@ def test_global_removes_exactly_round_ratio_units_overall(ratio, seed):
     assert all(d < u for d, u in zip(dead, units))
 
 
+@given(
+    ratio=st.floats(0, 1),
+    seed=st.integers(0, 1000),
+    scope=st.sampled_from(["local", "global"]),
+    round_to=st.sampled_from([1, 2, 4, 8, 64]),
+)
+def test_round_to_keeps_a_multiple_per_layer_by_sparing_the_strongest(ratio, seed, scope, round_to):
+    torch.manual_seed(seed)
+    plain = VGG(width=0.25)
+    rounded = copy.deepcopy(plain)
+    exact = prune_structured(plain, ratio, scope=scope)
+    got = prune_structured(rounded, ratio, scope=scope, round_to=round_to)
+    assert list(got) == list(exact)
+    for name in got:
+        m = rounded.get_submodule(name)
+        units = stored(m).shape[0]
+        kept_exact = units - int(dead_units(plain.get_submodule(name)).sum())
+        gone = dead_units(m)
+        assert units - int(gone.sum()) == min(units, -(-kept_exact // round_to) * round_to)
+        assert not (gone & ~dead_units(plain.get_submodule(name))).any()  # only spares units
+        norms = torch.linalg.vector_norm(stored(m).detach().reshape(units, -1), dim=1)
+        spared = ~gone & dead_units(plain.get_submodule(name))
+        if spared.any() and gone.any():
+            assert norms[spared].min() >= norms[gone].max()  # the strongest are spared
+    if round_to == 1:
+        assert all(torch.equal(got[n], exact[n]) for n in got)
+
+
+def test_round_to_never_spares_units_pruned_earlier():
+    torch.manual_seed(0)
+    model = VGG(width=0.25)
+    first = {n: ~m.flatten(1).any(dim=1) for n, m in prune_structured(model, 0.3).items()}
+    prune_structured(model, 0.3, round_to=8)  # the same ratio: nothing new to prune or spare
+    for name, was in first.items():
+        assert torch.equal(dead_units(model.get_submodule(name)), was)
+
+
 def test_global_scores_ignore_the_scale_of_a_layer():
     """Scaling one layer's weights (as BatchNorm makes harmless) must not change the choice."""
     torch.manual_seed(0)
@@ -150,6 +187,10 @@ def test_unit_norms_are_rows_not_columns():
         (dict(ratio=2.0), ValueError, "ratio"),
         (dict(ratio=0.5, scope="all"), ValueError, "scope"),
         (dict(ratio=0.5, layers=["nope"]), ValueError, "unknown layer"),
+        (dict(ratio=0.5, round_to=0), ValueError, "round_to"),
+        (dict(ratio=0.5, round_to=-8), ValueError, "round_to"),
+        (dict(ratio=0.5, round_to=2.5), ValueError, "round_to"),
+        (dict(ratio=0.5, round_to=True), ValueError, "round_to"),
     ],
 )
 def test_bad_input_raises_and_leaves_the_model_unchanged(kwargs, error, words):

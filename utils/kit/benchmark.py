@@ -334,13 +334,17 @@ def bench_structured(
     batches: tuple[int, ...] = (1, 32),
     repeats: int = 20,
     device: str | torch.device = "cpu",
+    scope: str = "local",
+    round_to: int = 1,
 ) -> list[dict]:
-    """(b): dense vs masked vs shrunk VGG, half of every hidden layer's channels removed."""
+    """(b): dense vs masked vs shrunk VGG, half of the hidden layers' channels removed (of
+    each layer: ``"local"``; of all together: ``"global"``, where the kept counts are uneven
+    unless ``round_to`` rounds them)."""
     device = torch.device(device)
     torch.manual_seed(0)
     dense = VGG(width=width).eval()
     masked = clone_model(dense)
-    prune_structured(masked, 0.5, scope="local")
+    prune_structured(masked, 0.5, scope=scope, round_to=round_to)
     small = shrink(masked).eval()
     rows = []
     for batch in batches:
@@ -357,6 +361,11 @@ def bench_structured(
             {
                 "device": device.type,
                 "width": width,
+                "scope": scope,
+                "round_to": round_to,
+                "channels kept": "/".join(
+                    str(m.out_channels) for m in small.modules() if isinstance(m, nn.Conv2d)
+                ),
                 "batch": batch,
                 "MACs ratio": macs,
                 "dense ms": t["dense"] * 1e3,
@@ -529,7 +538,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["structured"] = [
             r
             for width in ((0.25,) if q else (1.0, 2.0))
-            for r in bench_structured(width, (1, 2) if q else (1, 32), 2 if q else 20)
+            for scope, round_to in (("local", 1), ("global", 1), ("global", 8))
+            for r in bench_structured(
+                width, (1, 2) if q else (1, 32), 2 if q else 20, scope=scope, round_to=round_to
+            )
         ]
         _print_rows(
             "(b) VGG, half the channels cut out (ratios: dense / shrunk)", results["structured"]

@@ -441,11 +441,17 @@ def prune_structured(
     scope: str = "local",
     p: float = 2.0,
     layers: Iterable[str] | str | None = None,
+    round_to: int = 1,
 ) -> dict[str, Tensor]:
     """Remove whole output units (Linear rows, conv filters) with the smallest L_p norm.
 
     Prunes exactly ``round(ratio * units)`` units per layer (``"local"``) or over all selected
-    layers (``"global"``), but never a layer's last unit. For ``"global"`` each norm is divided
+    layers (``"global"``), but never a layer's last unit. With ``round_to=R`` (such as 8, for
+    the vector width of CPU and GPU kernels, as Torch-Pruning's ``round_to``) each layer then
+    keeps the smallest multiple of R at or above what that leaves it (all of it if it has fewer
+    units): the strongest of its chosen units are spared again, so the counts are exact per
+    layer for that rule and at most ``round(ratio * units)`` are pruned. Units pruned earlier
+    stay pruned, which can leave a layer off the multiple. For ``"global"`` each norm is divided
     by the mean norm of the layer's remaining units: raw norms are not comparable across
     layers (initialization scales weights by fan-in, and a BatchNorm after a layer makes its
     weight scale meaningless), so a unit is judged against its own layer's average.
@@ -455,6 +461,8 @@ def prune_structured(
     (bool, 1 = kept) by layer.
     """
     r, scope, p = check_share(ratio), _check_scope(scope), _check_p(p)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
     selected = select_layers(model, _default_structured_layers(model) if layers is None else layers)
     refuse_unmaskable((name, m, "weight") for name, m in selected.items())
     tensors = weight_tensors(model, selected)
@@ -468,7 +476,24 @@ def prune_structured(
             for name, m in selected.items()
         }
         pruned = _choose_units(scores, r, scope)  # raises before anything is changed
+        if round_to > 1:
+            pruned = {n: _round_kept(scores[n], g, round_to) for n, g in pruned.items()}
         return _silence_units(selected, pruned, plan)
+
+
+def _round_kept(scores: Tensor, gone: Tensor, round_to: int) -> Tensor:
+    """``gone`` with its strongest newly pruned units spared until the kept count is a multiple
+    of ``round_to`` (or the whole layer); units pruned earlier (score -1) are never spared."""
+    n, kept = gone.numel(), int((~gone).sum())
+    spare = min(n, -(-kept // round_to) * round_to) - kept
+    newly = gone & (scores != -1.0)
+    spare = min(spare, int(newly.sum()))
+    if spare <= 0:
+        return gone
+    candidates = torch.where(newly, scores, torch.full_like(scores, -math.inf))
+    out = gone.clone()
+    out[torch.topk(candidates, spare, sorted=False).indices] = False
+    return out
 
 
 def _unit_scores(name: str, module: nn.Module, p: float, normalize: bool) -> Tensor:
