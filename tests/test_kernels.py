@@ -15,7 +15,7 @@ from torch import nn
 import utils.pruning.threshold
 from utils.pruning import kernels, prune_unstructured
 
-pytestmark = pytest.mark.skipif(
+needs_loops = pytest.mark.skipif(
     not kernels.available(), reason=f"no compiled loops: {kernels.why_not()}"
 )
 DTYPES = (np.float32, np.float64)
@@ -33,6 +33,7 @@ bounds = st.one_of(
 )
 
 
+@needs_loops
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
@@ -46,6 +47,7 @@ def test_band_counts_and_gathers_like_numpy(dtype, data):
     assert found.dtype == dtype
 
 
+@needs_loops
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
@@ -57,9 +59,11 @@ def test_zero_below_and_keep_flags_like_numpy(dtype, data):
     assert np.array_equal(flags, (~small).astype(dtype))
     y = x.copy()
     assert kernels.zero_below(y, value) == np.count_nonzero(small)
-    assert np.array_equal(y, np.where(small, 0, x))
+    zeroed = np.where(small, np.copysign(dtype(0), x), x)  # -0.0 where a negative one is zeroed
+    assert np.array_equal(y.view(f"u{y.itemsize}"), zeroed.view(f"u{y.itemsize}"))
 
 
+@needs_loops
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_loops_split_long_arrays_over_threads_in_order(monkeypatch, threads):
     monkeypatch.setattr(kernels.torch, "get_num_threads", lambda: threads)
@@ -79,6 +83,7 @@ def test_loops_split_long_arrays_over_threads_in_order(monkeypatch, threads):
     assert np.array_equal(y, np.where(a < 0.5, 0, x)) and np.array_equal(flags, a >= 0.5)
 
 
+@needs_loops
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_band_refuses_nan_and_infinities_when_asked(dtype):
     for bad in (np.nan, np.inf, -np.inf):
@@ -88,6 +93,7 @@ def test_band_refuses_nan_and_infinities_when_asked(dtype):
             kernels.band(x, 0.0, 1.0, finite=True)
 
 
+@needs_loops
 def test_loops_refuse_what_they_cannot_read():
     for bad in (
         np.zeros(4, np.float16),
@@ -179,6 +185,7 @@ settings_both = dict(
 )
 
 
+@needs_loops
 @settings(max_examples=40, deadline=None)
 @given(**settings_both)
 def test_the_compiled_path_prunes_exactly_like_the_eager_path(
@@ -189,6 +196,7 @@ def test_the_compiled_path_prunes_exactly_like_the_eager_path(
     )
 
 
+@needs_loops
 @settings(max_examples=12, deadline=None)
 @given(**settings_both)
 def test_both_paths_agree_on_models_with_a_sampled_bracket_and_many_blocks(
@@ -199,6 +207,7 @@ def test_both_paths_agree_on_models_with_a_sampled_bracket_and_many_blocks(
     )
 
 
+@needs_loops
 def test_both_paths_agree_on_two_parameters_sharing_one_storage():
     def make():
         torch.manual_seed(0)
@@ -211,11 +220,13 @@ def test_both_paths_agree_on_two_parameters_sharing_one_storage():
     assert_both_paths_agree(make, 0.5, "global", inplace=True)
 
 
+@needs_loops
 def test_the_compiled_path_is_taken(kernels_everywhere):
     prune_unstructured(mixed_model(1, torch.float32, False, False), 0.5, inplace=True)
     assert kernels_everywhere, "kernels.band was not called"
 
 
+@needs_loops
 def test_a_large_model_takes_the_compiled_path_and_a_small_one_does_not(monkeypatch):
     calls = []
     band = kernels.band
@@ -226,6 +237,7 @@ def test_a_large_model_takes_the_compiled_path_and_a_small_one_does_not(monkeypa
     assert calls
 
 
+@needs_loops
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_other_dtypes_and_masked_weights_stay_on_the_eager_path(kernels_everywhere, dtype):
     prune_unstructured(mixed_model(2, dtype, False, False), 0.5)
@@ -258,7 +270,7 @@ def test_switched_off_or_without_a_compiler_the_loops_say_why(monkeypatch, tmp_p
 
 
 def test_a_broken_compiler_is_reported_and_nothing_half_built_is_left(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_compiler", lambda: "false")  # exits 1, writes nothing
+    monkeypatch.setattr(kernels, "_compiler", lambda: ["false"])  # exits 1, writes nothing
     assert not fresh_load(monkeypatch, PRUNING_BOOK_KERNEL_CACHE=str(tmp_path))
     assert "failed" in kernels.why_not()
     assert not list(tmp_path.iterdir())
@@ -272,6 +284,7 @@ def test_a_cache_folder_others_can_write_to_is_refused(monkeypatch, tmp_path):
     assert "not this user's alone" in kernels.why_not() and not list(shared.iterdir())
 
 
+@needs_loops
 def test_the_library_is_built_once_into_its_cache_then_loaded(monkeypatch, tmp_path):
     assert fresh_load(monkeypatch, PRUNING_BOOK_KERNEL_CACHE=str(tmp_path))
     built = list(tmp_path.glob("kernels-*.so"))
@@ -281,6 +294,7 @@ def test_the_library_is_built_once_into_its_cache_then_loaded(monkeypatch, tmp_p
 
 
 FORK_AND_THREADS = """
+import numpy as np
 import os, sys, threading
 import torch
 from torch import nn
@@ -304,13 +318,18 @@ for t in threads: t.join()
 assert not errors, errors
 pid = os.fork()
 if pid == 0:  # like a DataLoader worker: the loops start their threads per call, so they run
-    job()
-    os._exit(0 if not errors and kernels.available() else 1)
+    kernels.torch.get_num_threads = lambda: 4  # the loops' own threads, in the child
+    x = np.random.default_rng(0).standard_normal(1 << 19).astype(np.float32)
+    ok = kernels._threads(x.size) == 4 and kernels.band(x, 0.1, 0.2)[0] == np.count_nonzero(
+        np.abs(x) <= np.float32(0.1))
+    ok = ok and kernels.zero_below(x, 0.5) == np.count_nonzero(np.abs(x) < 0.5) == (x == 0).sum()
+    os._exit(0 if ok and not errors and kernels.available() else 1)
 _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
+@needs_loops
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_thread_count_concurrent_calls_and_a_forked_child_after_the_compiled_path_ran(tmp_path):
     script = tmp_path / "fork_and_threads.py"
@@ -322,6 +341,39 @@ def test_thread_count_concurrent_calls_and_a_forked_child_after_the_compiled_pat
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+@needs_loops
+@pytest.mark.parametrize("inplace", [True, False])
+def test_a_small_layer_of_a_large_model_is_checked_for_nan_in_local_scope(inplace):
+    for bad_layer, bad in ((0, float("nan")), (1, float("inf"))):
+        model = nn.Sequential(nn.Linear(64, 64), nn.Linear(256, 256))  # 4,096 and 65,536
+        with torch.no_grad():
+            model[bad_layer].weight[3, 3] = bad
+        before = [p.detach().clone() for p in model.parameters()]
+        with utils.pruning.threshold.tuned(kernels_from=10_000):  # compiled: the large one only
+            with pytest.raises(ValueError, match=f"layer '{bad_layer}' has NaN or infinite"):
+                prune_unstructured(model, 0.5, "local", inplace=inplace)
+        after = [p.detach() for p in model.parameters()]
+        assert all(torch.equal(p.nan_to_num(), b.nan_to_num()) for p, b in zip(after, before))
+
+
+def test_read_only_arrays_are_not_written_into():
+    x = np.ones(8, np.float32)
+    x.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        kernels.zero_below(x, 2.0)
+    with pytest.raises(ValueError, match="writable"):
+        kernels.keep_flags(np.ones(8, np.float32), 0.5, x)
+
+
+def test_a_band_crowded_into_one_threads_range_is_gathered_exactly(monkeypatch):
+    monkeypatch.setattr(kernels.torch, "get_num_threads", lambda: 4)
+    x = np.full(1 << 18, 5.0, np.float32)
+    x[: 1 << 16] = np.linspace(0.1, 0.9, 1 << 16, dtype=np.float32)  # all in the first quarter
+    below, positions, found = kernels.band(x, 0.0, 1.0)
+    assert below == 0 and np.array_equal(positions, np.arange(1 << 16))
+    assert np.array_equal(found, x[: 1 << 16])
+
+
 def test_without_the_loops_the_eager_path_gives_the_same_result(monkeypatch):
     a, b = mixed_model(3, torch.float32, True, False), mixed_model(3, torch.float32, True, False)
     with utils.pruning.threshold.tuned(kernels_from=0):
@@ -331,6 +383,7 @@ def test_without_the_loops_the_eager_path_gives_the_same_result(monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
+@needs_loops
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
 @pytest.mark.parametrize("scope, ratio", [("global", 0.5), ("local", 0.5), ("global", 0.0)])
 def test_nan_weights_are_refused_before_the_compiled_path_changes_anything(

@@ -4,7 +4,8 @@
  *
  * The loops compare bit patterns: with the sign bit cleared, the order of |x| is the order of
  * the bits as integers (infinities above every finite value, NaN above them), so |x| < v is
- * one integer compare with v's bits, which C compilers vectorise.
+ * one integer compare with v's bits, which C compilers vectorise. The arrays are read through
+ * unsigned-integer pointers; kernels.py builds this file with -fno-strict-aliasing.
  *
  * Built by kernels.py with the system's C compiler on first use, then loaded from a cache. */
 #include <pthread.h>
@@ -16,35 +17,22 @@
 #define GROUP 32  /* the band is gathered only from groups that hold some of it */
 
 typedef struct {
-    const void *x;
-    void *out;           /* keep: the 0/1 flags; band: the values found (this thread's region) */
-    int64_t *pos;        /* band: the positions found (this thread's region) */
-    int64_t start, stop; /* the range of this thread */
-    uint64_t first, end; /* keys: band first <= bits < end; zero/keep: bits < end */
-    int64_t cap;         /* band: room in this thread's region */
-    int64_t out_step;    /* band: bytes from one thread's region of `out` to the next */
+    const void *x;        /* the array read */
+    void *y;              /* zero: the same array, written; keep: the 0/1 flags */
+    void *vals;           /* band: where this thread's values go */
+    int64_t *pos;         /* band: where this thread's positions go */
+    int64_t start, stop;  /* the range of this thread */
+    uint64_t first, end;  /* keys: band first <= bits < end; zero/keep: bits < end */
+    int64_t cap;          /* band: room for this thread's values and positions */
     int64_t below, count, nonfinite;
 } job;
 
 typedef void *(*runner)(void *);
 
-/* Split [0, n) into `threads` consecutive ranges and run `run` on each, the first range here. */
-static void split(runner run, job *proto, int64_t n, int threads, job *jobs) {
+/* Run `run` on each job (the first here, the others on threads of their own). */
+static void run_all(runner run, job *jobs, int threads) {
     pthread_t t[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    int64_t step = (n + threads - 1) / threads;
-    for (int k = 0; k < threads; k++) {
-        jobs[k] = *proto;
-        jobs[k].start = k * step < n ? k * step : n;
-        jobs[k].stop = (k + 1) * step < n ? (k + 1) * step : n;
-        jobs[k].below = jobs[k].count = jobs[k].nonfinite = 0;
-        if (proto->pos) { /* band: each thread writes into a region of its own */
-            jobs[k].pos = proto->pos + k * proto->cap;
-            jobs[k].out = (char *)proto->out + k * proto->out_step;
-        }
-    }
     for (int k = 1; k < threads; k++)
         started[k] = pthread_create(&t[k], NULL, run, &jobs[k]) == 0;
     run(&jobs[0]);
@@ -54,11 +42,25 @@ static void split(runner run, job *proto, int64_t n, int threads, job *jobs) {
     }
 }
 
-#define KERNELS(SUFFIX, UINT, FLOAT, MASK, INF)                                                      \
+/* `threads` (clamped to 1..MAX_THREADS) copies of `proto` over consecutive ranges of [0, n). */
+static int split(const job *proto, int64_t n, int threads, job *jobs) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    int64_t step = (n + threads - 1) / threads;
+    for (int k = 0; k < threads; k++) {
+        jobs[k] = *proto;
+        jobs[k].start = k * step < n ? k * step : n;
+        jobs[k].stop = (k + 1) * step < n ? (k + 1) * step : n;
+        jobs[k].below = jobs[k].count = jobs[k].nonfinite = 0;
+    }
+    return threads;
+}
+
+#define KERNELS(SUFFIX, UINT, FLOAT, MASK, INF)                                                   \
     static void *band_run_##SUFFIX(void *p) {                                                     \
         job *j = p;                                                                               \
         const UINT *x = j->x;                                                                     \
-        FLOAT *vals = j->out;                                                                     \
+        FLOAT *vals = j->vals;                                                                    \
         int64_t *pos = j->pos;                                                                    \
         const UINT first = (UINT)j->first, width = (UINT)(j->end - j->first);                     \
         const int64_t stop = j->stop, cap = j->cap;                                               \
@@ -101,14 +103,23 @@ static void split(runner run, job *proto, int64_t n, int threads, job *jobs) {
         j->nonfinite = nonfinite;                                                                 \
         return NULL;                                                                              \
     }                                                                                             \
-    /* The number with bits < first, and the positions and |values| with first <= bits < end,  \
-     * each thread's in its region of `cap` entries; per thread (below, found, not finite) in   \
-     * res. */                                                                                  \
-    void band_##SUFFIX(const UINT *x, int64_t n, UINT first, UINT end, int threads, int64_t cap, \
-                       int64_t *pos, FLOAT *vals, int64_t *res) {                                 \
-        job proto = {x, vals, pos, 0, 0, first, end, cap, cap * (int64_t)sizeof(FLOAT), 0, 0, 0}, jobs[MAX_THREADS];              \
-        split(band_run_##SUFFIX, &proto, n, threads, jobs);                                       \
-        for (int k = 0; k < threads && k < MAX_THREADS; k++) {                                    \
+    /* The number with bits < first, and the positions and |values| with first <= bits < end:   \
+     * thread k writes its range's, in order, from offsets[k] on, at most offsets[k + 1] -      \
+     * offsets[k] of them. Per thread (below, found, not finite) in res. */                     \
+    void band_##SUFFIX(const UINT *x, int64_t n, UINT first, UINT end, int threads,              \
+                       const int64_t *offsets, int64_t *pos, FLOAT *vals, int64_t *res) {         \
+        job proto = {0}, jobs[MAX_THREADS];                                                       \
+        proto.x = x;                                                                              \
+        proto.first = first;                                                                      \
+        proto.end = end > first ? end : first; /* an empty band, never a wrapped one */           \
+        threads = split(&proto, n, threads, jobs);                                                \
+        for (int k = 0; k < threads; k++) {                                                       \
+            jobs[k].pos = pos + offsets[k];                                                       \
+            jobs[k].vals = vals + offsets[k];                                                     \
+            jobs[k].cap = offsets[k + 1] - offsets[k];                                            \
+        }                                                                                         \
+        run_all(band_run_##SUFFIX, jobs, threads);                                                \
+        for (int k = 0; k < threads; k++) {                                                       \
             res[3 * k] = jobs[k].below;                                                           \
             res[3 * k + 1] = jobs[k].count;                                                       \
             res[3 * k + 2] = jobs[k].nonfinite;                                                   \
@@ -116,7 +127,7 @@ static void split(runner run, job *proto, int64_t n, int threads, job *jobs) {
     }                                                                                             \
     static void *zero_run_##SUFFIX(void *p) {                                                     \
         job *j = p;                                                                               \
-        UINT *x = (UINT *)j->x;                                                                   \
+        UINT *x = j->y;                                                                           \
         const UINT end = (UINT)j->end;                                                            \
         const int64_t stop = j->stop;                                                             \
         int64_t zeroed = 0;                                                                       \
@@ -130,16 +141,19 @@ static void split(runner run, job *proto, int64_t n, int threads, job *jobs) {
     }                                                                                             \
     /* Zero in place the entries with bits < end (sign kept); their number. */                   \
     int64_t zero_##SUFFIX(UINT *x, int64_t n, UINT end, int threads) {                            \
-        job proto = {x, NULL, NULL, 0, 0, 0, end, 0, 0, 0, 0, 0}, jobs[MAX_THREADS];                   \
-        split(zero_run_##SUFFIX, &proto, n, threads, jobs);                                       \
+        job proto = {0}, jobs[MAX_THREADS];                                                       \
+        proto.y = x;                                                                              \
+        proto.end = end;                                                                          \
+        threads = split(&proto, n, threads, jobs);                                                \
+        run_all(zero_run_##SUFFIX, jobs, threads);                                                \
         int64_t total = 0;                                                                        \
-        for (int k = 0; k < threads && k < MAX_THREADS; k++) total += jobs[k].count;              \
+        for (int k = 0; k < threads; k++) total += jobs[k].count;                                 \
         return total;                                                                             \
     }                                                                                             \
     static void *keep_run_##SUFFIX(void *p) {                                                     \
         job *j = p;                                                                               \
         const UINT *x = j->x;                                                                     \
-        FLOAT *out = j->out;                                                                      \
+        FLOAT *out = j->y;                                                                        \
         const UINT end = (UINT)j->end;                                                            \
         const int64_t stop = j->stop;                                                             \
         int64_t kept = 0;                                                                         \
@@ -153,10 +167,14 @@ static void split(runner run, job *proto, int64_t n, int threads, job *jobs) {
     }                                                                                             \
     /* Write 1 into out where bits >= end, else 0; the number of ones. */                        \
     int64_t keep_##SUFFIX(const UINT *x, int64_t n, UINT end, FLOAT *out, int threads) {         \
-        job proto = {x, out, NULL, 0, 0, 0, end, 0, 0, 0, 0, 0}, jobs[MAX_THREADS];                    \
-        split(keep_run_##SUFFIX, &proto, n, threads, jobs);                                       \
+        job proto = {0}, jobs[MAX_THREADS];                                                       \
+        proto.x = x;                                                                              \
+        proto.y = out;                                                                            \
+        proto.end = end;                                                                          \
+        threads = split(&proto, n, threads, jobs);                                                \
+        run_all(keep_run_##SUFFIX, jobs, threads);                                                \
         int64_t total = 0;                                                                        \
-        for (int k = 0; k < threads && k < MAX_THREADS; k++) total += jobs[k].count;              \
+        for (int k = 0; k < threads; k++) total += jobs[k].count;                                 \
         return total;                                                                             \
     }
 

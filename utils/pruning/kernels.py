@@ -14,11 +14,14 @@ no C compiler is found (:func:`why_not` says why). Both paths give the same resu
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -40,87 +43,119 @@ _LOADED: dict = {}  # "lib": the library or None, "why": why not
 _LOAD_LOCK = threading.Lock()
 
 
+FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing"]
+
+
 def _cache_dirs() -> list[Path]:
     """Where the compiled library is kept: ``$PRUNING_BOOK_KERNEL_CACHE``, else the user's
-    cache folder, else the temporary folder."""
+    cache folder, else a folder of this user's in the temporary folder."""
     if os.environ.get(ENV_CACHE):
         return [Path(os.environ[ENV_CACHE])]
-    home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    dirs = []
+    try:
+        home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        dirs.append(Path(home) / "pruning-book")
+    except RuntimeError:  # no home directory known
+        pass
     own = f"pruning-book-cache-{os.getuid()}" if hasattr(os, "getuid") else "pruning-book-cache"
-    return [Path(home) / "pruning-book", Path(tempfile.gettempdir()) / own]
+    return [*dirs, Path(tempfile.gettempdir()) / own]
 
 
-def _safe(folder: Path) -> None:
-    """Refuse a cache folder that another user could write to (a library there would run as
-    this user): it must be ours and not writable by group or others."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = folder.stat()
-    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
-        raise OSError(f"{folder} is not this user's alone (owner or group/other write)")
+def _owned(path: Path, kind: str) -> None:
+    """Refuse what another user could have put or could change (a library loaded from there
+    would run as this user): ``path`` must be a real ``kind`` ("dir" or "file"), not a link,
+    this user's, and not writable by group or others."""
+    st = os.lstat(path)
+    real = stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)
+    if not real or (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
+        raise OSError(
+            f"{path} is not this user's alone (a link, another owner or group/other write)"
+        )
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or next(
-        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None
-    )
+def _compiler() -> list[str] | None:
+    """The C compiler's command: ``$CC`` (split as a shell does), else cc, gcc or clang."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    return [found] if found else None
 
 
-def _build(cc: str, target: Path) -> None:
-    """Compile ``kernels.c`` into ``target``, atomically (a half-written file is never seen)."""
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+def _build(cc: list[str], target: Path) -> None:
+    """Compile ``kernels.c`` into ``target``, atomically (a half-written file is never seen),
+    then remove the builds of other versions of the source from the same folder."""
+    fd, tmp = tempfile.mkstemp(prefix="building-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cc, "-O3", "-shared", "-fPIC", "-pthread", str(SOURCE), "-o", tmp]
+        cmd = [*cc, *FLAGS, str(SOURCE), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode:
             raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+        os.chmod(tmp, 0o700)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    for old in target.parent.glob("kernels-*.so"):
+        if old != target:
+            with contextlib.suppress(OSError):
+                old.unlink()
 
 
-def _load() -> ctypes.CDLL | None:
-    """The compiled library, built on first use and then cached; None where it cannot be."""
+def _load() -> None:
+    """Build on first use (then cache) and load the library into ``_LOADED``; on any failure,
+    record why, and the eager path does the work."""
+    try:
+        _LOADED.update(lib=_find_or_build(), why=None)
+    except Exception as error:  # no compiler, a broken one, no usable cache, no kernels.c
+        _LOADED.update(lib=None, why=str(error) or type(error).__name__)
+
+
+def _find_or_build() -> ctypes.CDLL:
     if os.environ.get(ENV_OFF, "") not in ("", "0"):
-        _LOADED.update(lib=None, why=f"${ENV_OFF} is set")
-        return None
+        raise RuntimeError(f"${ENV_OFF} is set")
     if sys.platform == "win32":
-        _LOADED.update(lib=None, why="the loops are built for Linux and macOS only")
-        return None
+        raise RuntimeError("the loops are built for Linux and macOS only")
     cc = _compiler()
-    if cc is None:
-        _LOADED.update(lib=None, why="no C compiler (cc, gcc or clang) was found")
-        return None
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + f"{cc}|{platform.machine()}|{sys.platform}".encode()
-    ).hexdigest()[:16]
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or clang) was found")
+    recipe = f"{cc}|{FLAGS}|{platform.machine()}|{sys.platform}".encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + recipe).hexdigest()[:16]
     errors = []
     for folder in _cache_dirs():
         path = folder / f"kernels-{key}.so"
         try:
-            _safe(folder)
-            if not path.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _owned(folder, "dir")
+            if not os.path.lexists(path):
                 _build(cc, path)
+            _owned(path, "file")
             lib = ctypes.CDLL(str(path))
             _declare(lib)
-            _LOADED.update(lib=lib, why=None)
             return lib
         except (OSError, subprocess.SubprocessError) as error:
             errors.append(f"{folder}: {error}")
-    _LOADED.update(lib=None, why="; ".join(errors))
-    return None
+    raise RuntimeError("; ".join(errors))
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix, uint in (("f32", ctypes.c_uint32), ("f64", ctypes.c_uint64)):
-        getattr(lib, f"band_{suffix}").argtypes = [p, i64, uint, uint, i32, i64, p, p, p]
+        getattr(lib, f"band_{suffix}").argtypes = [p, i64, uint, uint, i32, p, p, p, p]
         getattr(lib, f"band_{suffix}").restype = None
         getattr(lib, f"zero_{suffix}").argtypes = [p, i64, uint, i32]
         getattr(lib, f"zero_{suffix}").restype = i64
         getattr(lib, f"keep_{suffix}").argtypes = [p, i64, uint, p, i32]
         getattr(lib, f"keep_{suffix}").restype = i64
+
+
+def _after_fork_in_child() -> None:
+    global _LOAD_LOCK
+    _LOAD_LOCK = threading.Lock()  # a fork during a build may have copied it held
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def library() -> ctypes.CDLL | None:
@@ -190,13 +225,13 @@ def band(
     ``lo`` and ``hi``, in order: one read of ``x`` (a second one only if the band holds more
     than 1/64 of it). No NaN in ``x``; ``finite=True`` raises :class:`NotFinite` if it holds
     NaN or an infinity (checked in the same read)."""
-    xb, (uint, mask, suffix, _) = _bits(x)
+    xb, (_, _, suffix, _) = _bits(x)
     first, end = _key_at_most(x, lo), _key_below(x, hi)
-    end = max(end, first)
     threads, fn = _threads(x.size), getattr(_lib(), f"band_{suffix}")
     cap = max(1024, -(-x.size // (64 * threads)))
+    offsets = np.arange(threads + 1, dtype=np.int64) * cap  # a region of cap per thread
     while True:
-        pos, vals = np.empty(cap * threads, np.int64), np.empty(cap * threads, x.dtype)
+        pos, vals = np.empty(offsets[-1], np.int64), np.empty(offsets[-1], x.dtype)
         res = np.zeros(3 * threads, np.int64)
         fn(
             xb.ctypes.data,
@@ -204,7 +239,7 @@ def band(
             first,
             end,
             threads,
-            cap,
+            offsets.ctypes.data,
             pos.ctypes.data,
             vals.ctypes.data,
             res.ctypes.data,
@@ -212,19 +247,22 @@ def band(
         if finite and res[2::3].any():
             raise NotFinite(f"{int(res[2::3].sum())} NaN or infinite values")
         found = res[1::3]
-        if found.max(initial=0) <= cap:
+        if (found <= np.diff(offsets)).all():
             break
-        cap = int(found.max())  # the band was wider than room was made for: once more, exact
-    parts = [slice(k * cap, k * cap + int(found[k])) for k in range(threads)]
-    positions = np.concatenate([pos[s] for s in parts]) if threads > 1 else pos[parts[0]]
-    values = np.concatenate([vals[s] for s in parts]) if threads > 1 else vals[parts[0]]
-    return int(res[0::3].sum()), positions, values
+        offsets = np.concatenate([[0], np.cumsum(found)])  # once more, each region exact
+    below = int(res[0::3].sum())
+    if offsets[-1] == found.sum():  # the regions are exactly full: in order, in one piece
+        return below, pos, vals
+    parts = [slice(int(o), int(o + f)) for o, f in zip(offsets[:-1], found)]
+    return below, np.concatenate([pos[p] for p in parts]), np.concatenate([vals[p] for p in parts])
 
 
 def zero_below(x: np.ndarray, value: float) -> int:
     """Set to zero, in place, the entries with ``|x| < value`` (keeping their sign, as
     multiplying by 0 does); their number."""
     xb, (_, _, suffix, _) = _bits(x)
+    if not x.flags.writeable:
+        raise ValueError("zero_below writes into x, which is read-only")
     return int(
         getattr(_lib(), f"zero_{suffix}")(
             xb.ctypes.data, x.size, _key_below(x, value), _threads(x.size)
@@ -235,9 +273,14 @@ def zero_below(x: np.ndarray, value: float) -> int:
 def keep_flags(x: np.ndarray, value: float, out: np.ndarray) -> int:
     """Write 1 into ``out`` where ``|x| >= value`` and 0 elsewhere; the number of ones."""
     xb, (_, _, suffix, _) = _bits(x)
-    if out.shape != x.shape or out.dtype != x.dtype or not out.flags.c_contiguous:
+    if (
+        out.shape != x.shape
+        or out.dtype != x.dtype
+        or not out.flags.c_contiguous
+        or not (out.flags.writeable)
+    ):
         raise ValueError(
-            f"out must be a contiguous {x.dtype} array of shape {x.shape}, got "
+            f"out must be a writable contiguous {x.dtype} array of shape {x.shape}, got "
             f"{out.dtype} of shape {out.shape}"
         )
     return int(

@@ -255,9 +255,16 @@ def prune_unstructured(
     with torch.no_grad():
         dtype = _score_dtype(tensors)
         sources = [_magnitude(t, dtype) for t in tensors]
-        compiled = use_kernels(sources)  # they check finiteness in their first read
-        for t in tensors if not compiled else ():
-            _check_finite(t)
+        # the compiled loops check finiteness in the read that counts: which tensors they read
+        # (local scope: each tensor alone, so a small layer of a large model takes torch ops)
+        covered = (
+            [use_kernels(sources)] * len(sources)
+            if scope == "global"
+            else [use_kernels([s]) for s in sources]
+        )
+        for t, done in zip(tensors, covered):
+            if not done:
+                _check_finite(t)
         buffers = Buffers()
         try:  # raises before anything changes
             thresholds = _choose_weights(tensors, sources, r, scope, buffers)
@@ -265,8 +272,8 @@ def prune_unstructured(
             raise ValueError(
                 f"layer {tensors[error.source].names[0]!r} has NaN or infinite weights"
             ) from None
-        for t, th in zip(tensors, thresholds) if compiled else ():
-            if th.value == -math.inf:  # k = 0: no pass of the loops has looked at it
+        for t, th, done in zip(tensors, thresholds, covered):
+            if done and th.value == -math.inf:  # k = 0: no pass of the loops looked at it
                 _check_finite(t)
         return _zero_weights(tensors, sources, thresholds, inplace, buffers)
 
