@@ -12,7 +12,7 @@ from torch.nn.utils import prune as torch_prune
 
 from utils.lab.models import VGG, LeNet5
 from utils.pruning import effective_weight, prune_structured, prune_unstructured, unit_norms
-from utils.pruning.masks import mask_of, stored
+from utils.pruning.masks import mask_of, set_mask, stored
 
 HIDDEN = ["conv1", "conv2", "fc1", "fc2"]
 
@@ -83,12 +83,42 @@ def test_round_to_keeps_a_multiple_per_layer_by_sparing_the_strongest(ratio, see
 
 
 def test_round_to_never_spares_units_pruned_earlier():
+    layer = nn.Linear(4, 12)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(12, 2))
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1.0, 13.0)[:, None].expand(12, 4))  # unit i: norm ~ i
+    keep = torch.ones(12, 4, dtype=torch.bool)
+    keep[:6] = False  # six units pruned earlier in the weight only (their biases still live)
+    set_mask(layer, "weight", keep)
+    prune_structured(model, 0.5, round_to=8)  # 6 asked, all pruned earlier: 6 kept, not 8
+    assert torch.equal(dead_units(layer), torch.arange(12) < 6)
+    assert torch.equal(mask_of(layer, "bias"), (torch.arange(12) >= 6).float())
+
+
+def test_round_to_counts_in_a_layer_off_the_multiple_and_with_ties():
     torch.manual_seed(0)
+    model = LeNet5()  # fc2 has 84 units: 42 kept at 0.5, rounded up to 48
+    prune_structured(model, 0.5, round_to=8)
+    assert int((~dead_units(model.fc2)).sum()) == 48
+    layer = nn.Linear(4, 16)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)  # all tied: the earliest are pruned, the later ones spared
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 2))
+    prune_structured(model, 0.75, round_to=8)  # 12 asked, 4 kept, rounded up to 8
+    assert torch.equal(dead_units(layer), torch.arange(16) < 8)
+
+
+def test_round_to_with_rising_ratios():
+    torch.manual_seed(1)
     model = VGG(width=0.25)
-    first = {n: ~m.flatten(1).any(dim=1) for n, m in prune_structured(model, 0.3).items()}
-    prune_structured(model, 0.3, round_to=8)  # the same ratio: nothing new to prune or spare
-    for name, was in first.items():
-        assert torch.equal(dead_units(model.get_submodule(name)), was)
+    for ratio in (0.2, 0.45, 0.7):
+        before = {n: dead_units(model.get_submodule(n)) for n in ("features.0", "features.4")}
+        prune_structured(model, ratio, round_to=4)
+        for name, was in before.items():
+            gone = dead_units(model.get_submodule(name))
+            assert not (was & ~gone).any()  # what was pruned stays pruned
+            units, kept = gone.numel(), int((~gone).sum())
+            assert kept % 4 == 0 or kept == units - int(was.sum())
 
 
 def test_global_scores_ignore_the_scale_of_a_layer():
@@ -189,8 +219,8 @@ def test_unit_norms_are_rows_not_columns():
         (dict(ratio=0.5, layers=["nope"]), ValueError, "unknown layer"),
         (dict(ratio=0.5, round_to=0), ValueError, "round_to"),
         (dict(ratio=0.5, round_to=-8), ValueError, "round_to"),
-        (dict(ratio=0.5, round_to=2.5), ValueError, "round_to"),
-        (dict(ratio=0.5, round_to=True), ValueError, "round_to"),
+        (dict(ratio=0.5, round_to=2.5), TypeError, "round_to"),
+        (dict(ratio=0.5, round_to=True), TypeError, "round_to"),
     ],
 )
 def test_bad_input_raises_and_leaves_the_model_unchanged(kwargs, error, words):

@@ -105,6 +105,8 @@ def peak_extra_rss(fn: Callable[[], object]) -> tuple[float, int]:
     return elapsed, max(0, read_peak() - base)
 
 
+_DEFAULT_THREADS = torch.get_num_threads()  # before --threads changes it
+
 PRUNERS: dict[str, Callable[[nn.Module, float], object]] = {
     "utils.pruning": lambda m, r: prune_unstructured(m, r, scope="global"),
     "source listing": source_listings.unstructured_pruning,
@@ -158,17 +160,38 @@ def bench_prune_speed(model: nn.Module, ratio: float = 0.5, repeats: int = 3) ->
 
 
 _FIRST_CALL = """
-import json, statistics, sys, time
+import json, os, statistics, sys, time
 import torch
-import utils.kit.benchmark as b  # imports every pruner's module: imports are not timed
+if os.environ.get("PRUNING_BOOK_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["PRUNING_BOOK_BENCH_THREADS"]))
 name, model, ratio = sys.argv[1], sys.argv[2], float(sys.argv[3])
-copies = [b.first_call_model(model) for _ in range(4)]
+torch.manual_seed(0)
+if model == "resnet50":
+    from torchvision.models import resnet50 as make
+elif model == "lenet5":
+    from utils.lab.models import LeNet5 as make
+else:
+    from utils.lab.models import VGG
+    make = lambda: VGG(width=float(model.removeprefix("vgg")))
+copies = [make() for _ in range(4)]
+# each pruner's own imports, and no other (not timed): what a user's script would import
+if name == "utils.pruning":
+    from utils.pruning import prune_unstructured
+    prune = lambda m, r: prune_unstructured(m, r, scope="global")
+elif name == "source listing":
+    from utils.kit.source_listings import unstructured_pruning as prune
+else:
+    from torch.nn.utils import prune as P
+    def prune(m, r):
+        layers = [(x, "weight") for x in m.modules() if isinstance(x, (torch.nn.Conv2d, torch.nn.Linear))]
+        P.global_unstructured(layers, pruning_method=P.L1Unstructured, amount=r)
 times = []
 for m in copies:
     t0 = time.perf_counter()
-    b.PRUNERS[name](m, ratio)
+    prune(m, ratio)
     times.append(time.perf_counter() - t0)
-print(json.dumps({"first": times[0], "warm": statistics.median(times[1:])}))
+print(json.dumps({"first": times[0], "warm": statistics.median(times[1:]),
+                  "threads": torch.get_num_threads()}))
 """
 
 
@@ -190,8 +213,15 @@ def _fresh_process(code: str, *args: str, timeout: float = 600) -> dict:
     """Run ``code`` in a new Python process; its last output line, parsed as JSON."""
     import subprocess
 
+    env = dict(os.environ)
+    if torch.get_num_threads() != _DEFAULT_THREADS:  # --threads: the children use as many
+        env["PRUNING_BOOK_BENCH_THREADS"] = str(torch.get_num_threads())
     done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     if done.returncode:
         raise RuntimeError(f"the benchmark's child process failed: {done.stderr[-2000:]}")
@@ -208,7 +238,7 @@ def bench_first_call(
     The compiled loops of ``utils.pruning.kernels`` are built here first if this machine has
     not built them yet (a one-off per machine, reported apart); a fresh process loads them.
     """
-    build = kernels.warm_up() if kernels.available() else None
+    build = kernels.warm_up()  # building them if this machine has not, else loading them
     names = list(pruners or PRUNERS)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for _ in range(repeats):
@@ -228,7 +258,7 @@ def bench_first_call(
         "repeats": repeats,
         "pruners": row,
         "loops": "compiled" if kernels.available() else f"eager ({kernels.why_not()})",
-        "building the loops here (s)": build,
+        "loading or building the loops in this process (s)": build,
     }
 
 

@@ -4,7 +4,7 @@ Eager PyTorch counts, gathers and zeroes weights by magnitude with several ops p
 each reading its input and writing a temporary, so pruning a billion weights in place costs
 about twenty reads of them. The loops of ``kernels.c`` do each job in one read, on as many
 threads as torch uses. They are compiled with the system's C compiler (``cc``, or ``$CC``) the
-first time they are needed on a machine (about a second), then loaded from a cache in
+first time they are needed on a machine (0.4 s here), then loaded from a cache in
 milliseconds, so a first call pays almost nothing for them. They take 1-D numpy views of
 contiguous float32 or float64 CPU tensors; ``utils.pruning.threshold`` uses them for large
 tensors and keeps the eager ops for every other case (other dtypes, GPUs, masks) and wherever

@@ -454,22 +454,28 @@ def prune_structured(
 
     Prunes exactly ``round(ratio * units)`` units per layer (``"local"``) or over all selected
     layers (``"global"``), but never a layer's last unit. With ``round_to=R`` (such as 8, for
-    the vector width of CPU and GPU kernels, as Torch-Pruning's ``round_to``) each layer then
-    keeps the smallest multiple of R at or above what that leaves it (all of it if it has fewer
-    units): the strongest of its chosen units are spared again, so the counts are exact per
-    layer for that rule and at most ``round(ratio * units)`` are pruned. Units pruned earlier
-    stay pruned, which can leave a layer off the multiple. For ``"global"`` each norm is divided
-    by the mean norm of the layer's remaining units: raw norms are not comparable across
-    layers (initialization scales weights by fan-in, and a BatchNorm after a layer makes its
-    weight scale meaningless), so a unit is judged against its own layer's average.
+    the vector width of CPU and GPU kernels) each layer then keeps the smallest multiple of R at
+    or above what that leaves it (all its units when that multiple exceeds the layer): the
+    strongest of its chosen units are spared again (ties: the later ones), so the counts are
+    exact per layer for that rule and at most ``round(ratio * units)`` are pruned. This rounds
+    the kept count up; Torch-Pruning's ``round_to`` (1.6) rounds it down and prunes more. Units
+    pruned earlier stay pruned, which can leave a layer off the multiple.
+
+    For ``"global"`` each norm is divided by the mean norm of the layer's remaining units: raw
+    norms are not comparable across layers (initialization scales weights by fan-in, and a
+    BatchNorm after a layer makes its weight scale meaningless), so a unit is judged against its
+    own layer's average.
     By default every layer is pruned except those that produce the model's output (found in
     the torch.fx graph: their units are the classes). A pruned unit is silenced completely:
     its weights, its bias, and the BatchNorm that follows it are masked. Returns weight masks
     (bool, 1 = kept) by layer.
     """
     r, scope, p = check_share(ratio), _check_scope(scope), _check_p(p)
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+    if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral):
+        raise TypeError(f"round_to must be a positive int, got {type(round_to).__name__}")
+    if round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    round_to = int(round_to)
     selected = select_layers(model, _default_structured_layers(model) if layers is None else layers)
     refuse_unmaskable((name, m, "weight") for name, m in selected.items())
     tensors = weight_tensors(model, selected)
@@ -497,10 +503,10 @@ def _round_kept(scores: Tensor, gone: Tensor, round_to: int) -> Tensor:
     spare = min(spare, int(newly.sum()))
     if spare <= 0:
         return gone
-    candidates = torch.where(newly, scores, torch.full_like(scores, -math.inf))
-    out = gone.clone()
-    out[torch.topk(candidates, spare, sorted=False).indices] = False
-    return out
+    # keep pruning the weakest of the chosen (earlier-pruned ones, at -1, first; ties: earliest)
+    return smallest_k(
+        torch.where(gone, scores, torch.full_like(scores, math.inf)), n - kept - spare
+    )
 
 
 def _unit_scores(name: str, module: nn.Module, p: float, normalize: bool) -> Tensor:
