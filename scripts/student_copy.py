@@ -6,9 +6,11 @@
 A chapter follows the book's exercise convention: the exercise text is a Markdown cell tagged
 ``exercise`` + ``ex-C-N``, the reader's cell is tagged ``stub`` + ``ex-C-N``, and every cell of
 the solution dropdown (reference code, answer key) is tagged ``solution`` + ``ex-C-N``. The copy
-drops the ``solution`` cells (and the sentence pointing at them), turns the exercise directives into plain headings (Jupyter and
-Colab do not render them), clears every output, keeps the checks and the Colab set-up cell, and
-adds a short header saying what to do and how the copy is graded.
+drops the ``solution`` cells (and the sentence pointing at them), turns the exercise directives
+into plain headings and every other MyST role and directive into plain Markdown (``{term}``,
+``{cite}`` as author-year with a References cell at the end, admonitions as quotes: Jupyter and
+Colab render neither, as the Colab pages do), clears every output, keeps the checks and the
+Colab set-up cell, and adds a short header saying what to do and how the copy is graded.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from pathlib import Path
 import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from colab_pages import (  # noqa: E402  (the same conversion as the Colab pages)
+    bibliography_url,
+    book_config,
+    plain_directives,
+    plain_roles,
+    read_bib,
+    reference_line,
+)
+
 EXERCISE = re.compile(
     r"`{3,}\{exercise-start\}\s*\n:label:\s*(\S+)\s*\n`{3,}\s*\n(.*?)\n?`{3,}\{exercise-end\}\s*\n`{3,}",
     re.S,
@@ -63,6 +75,8 @@ def exercise_heading(source: str) -> str:
 def student_copy(nb: nbformat.NotebookNode, source_name: str) -> nbformat.NotebookNode:
     """A new notebook: ``nb`` without solutions, with cleared outputs and the student header."""
     out = copy.deepcopy(nb)
+    bib, config, cited = read_bib(), book_config(), []
+    link = bibliography_url(config)
     cells = []
     for cell in out.cells:
         if "solution" in tags(cell):
@@ -73,11 +87,17 @@ def student_copy(nb: nbformat.NotebookNode, source_name: str) -> nbformat.Notebo
         if "exercise" in tags(cell):
             cell.source = exercise_heading(cell.source)
         if cell.cell_type == "markdown":
-            cell.source = SOLUTIONS_NOTE.sub("", cell.source)
+            source = SOLUTIONS_NOTE.sub("", cell.source)
+            cell.source = plain_directives(plain_roles(source, bib, cited, link))
         cells.append(cell)
     first_markdown = next(i for i, c in enumerate(cells) if c.cell_type == "markdown")
     header = nbformat.v4.new_markdown_cell(HEADER, metadata={"tags": ["student-header"]})
     cells.insert(first_markdown + 1, header)
+    if cited:
+        lines = ["## References", ""] + [reference_line(bib[k]) for k in cited if k in bib]
+        cells.append(
+            nbformat.v4.new_markdown_cell("\n".join(lines), metadata={"tags": ["references"]})
+        )
     out.cells = cells
     out.metadata["pruning_book"] = {"student_copy": True, "chapter": source_name}
     return out

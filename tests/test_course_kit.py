@@ -11,6 +11,7 @@ import copy
 import csv
 import json
 import os
+import re
 import subprocess
 import symtable
 import sys
@@ -154,6 +155,11 @@ def test_student_copy_has_no_solution_and_no_output(path, tmp_path):
     assert sum("google.colab" in c.source for c in copy_.cells) == 1
     assert "Student copy" in copy_.cells[1].source
     assert "collapsed dropdowns" not in text, "the copy has no solutions to point at"
+    markdown = "\n".join(c.source for c in copy_.cells if c.cell_type == "markdown")
+    roles = re.findall(r"\{[a-z:-]+\}`", markdown) + re.findall(r"^`{3,}\{", markdown, re.M)
+    assert not roles, f"MyST roles or directives that Jupyter shows raw: {roles[:3]}"
+    if "{cite" in "\n".join(c.source for c in nb.cells):
+        assert "## References" in copy_.cells[-1].source
     stubs = [c for c in copy_.cells if "stub" in tags(c)]
     assert len(stubs) == len(exercise_labels(nb)) and all(
         "check_" in c.source for c in stubs if c.cell_type == "code"
