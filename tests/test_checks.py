@@ -501,3 +501,21 @@ def test_forbidden_lets_a_readers_own_attribute_of_that_name_be_and_restores_a_s
     assert all(not isinstance(c.cell_contents, checks._BlockingModule) for c in outer.__closure__)
     cells = [c.cell_contents for c in outer.__closure__]
     assert pruning in cells
+
+
+def test_an_honest_float32_answer_passes_and_a_fail_line_states_the_tolerance(capsys):
+    """Issue 25: 'expected 0.942675, got 0.942675' for a float32 computation of ex-7-1."""
+    import torch
+
+    from utils.kit.checks import check_total_sparsity
+
+    def in_float32(sizes, ratios):
+        pruned = torch.tensor([n * ratios.get(k, 0.0) for k, n in sizes.items()]).sum()
+        return (pruned / torch.tensor(float(sum(sizes.values())))).item()
+
+    def rounded(sizes, ratios):  # wrong: whole counts
+        return sum(round(n * ratios.get(k, 0.0)) for k, n in sizes.items()) / sum(sizes.values())
+
+    assert check_total_sparsity(in_float32)
+    assert not check_total_sparsity(rounded)
+    assert "more than the tolerance" in capsys.readouterr().out

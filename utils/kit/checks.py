@@ -38,6 +38,9 @@ Judge = Callable[[Any], "str | None"]
 
 
 # ----------------------------------------------------------------------------- machinery
+FLOAT32_RTOL = 1e-6  # relative tolerance of a number: a few float32 roundings (eps 1.2e-7)
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, Tensor):
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
@@ -94,7 +97,14 @@ def _compare(got: Any, want: Any, atol: float) -> str | None:
             return f"expected a number ({want:.6g}), got {_describe(got)}"
         if math.isinf(want):
             return None if got == want else f"expected {want} (math.inf), got {got!r}"
-        return None if abs(got - want) <= atol else f"expected {want:.6g}, got {got:.6g}"
+        # an honest answer computed in float32 (a tensor's .item()) is off by ~1e-7 relative
+        tol = atol + FLOAT32_RTOL * abs(want)
+        if abs(got - want) <= tol:
+            return None
+        return (
+            f"expected {want:.6g}, got {got:.6g}: off by {abs(got - want):.2g}, more than the "
+            f"tolerance {tol:.2g}"
+        )
     if isinstance(want, int) and not isinstance(want, bool):
         if isinstance(got, bool) or not isinstance(got, (int, float)) or got != want:
             return f"expected {want}, got {_describe(got)}"
