@@ -516,6 +516,24 @@ def test_an_honest_float32_answer_passes_and_a_fail_line_states_the_tolerance(ca
     def rounded(sizes, ratios):  # wrong: whole counts
         return sum(round(n * ratios.get(k, 0.0)) for k, n in sizes.items()) / sum(sizes.values())
 
-    assert check_total_sparsity(in_float32)
+    def in_numpy_float32(sizes, ratios):
+        import numpy as np
+
+        pruned = np.float32(sum(n * ratios.get(k, 0.0) for k, n in sizes.items()))
+        return pruned / np.float32(sum(sizes.values()))
+
+    assert check_total_sparsity(in_float32) and check_total_sparsity(in_numpy_float32)
     assert not check_total_sparsity(rounded)
     assert "more than the tolerance" in capsys.readouterr().out
+
+
+def test_an_honest_float32_schedule_passes():
+    import torch
+
+    from utils.kit.checks import check_geometric_schedule
+
+    def in_float32(final, rounds):
+        s = torch.tensor(final, dtype=torch.float32)
+        return [float(1 - (1 - s) ** (i / rounds)) for i in range(1, rounds + 1)]
+
+    assert check_geometric_schedule(in_float32)

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dis
 import math
+import numbers
 import sys
 import sysconfig
 import types
@@ -78,7 +79,7 @@ def _compare(got: Any, want: Any, atol: float) -> str | None:
                 else f"{wrong} of {want.numel()} entries differ from the expected mask"
             )
         if got.is_complex() or not torch.allclose(
-            got.detach().double(), want.double(), atol=atol, rtol=0
+            got.detach().double(), want.double(), atol=atol, rtol=FLOAT32_RTOL
         ):
             worst = (
                 float((got.detach().double() - want.double()).abs().max())
@@ -90,11 +91,15 @@ def _compare(got: Any, want: Any, atol: float) -> str | None:
                 if want.dim() == 1 and len(want) <= 8
                 else ""
             )
-            return f"values differ from the expected ones by up to {worst:.3g} (tolerance {atol:g}){shown}"
+            return (
+                f"values differ from the expected ones by up to {worst:.3g} (tolerance {atol:g} "
+                f"+ {FLOAT32_RTOL:g} x |expected|){shown}"
+            )
         return None
     if isinstance(want, float):
-        if isinstance(got, bool) or not isinstance(got, (int, float)):
+        if isinstance(got, bool) or not isinstance(got, numbers.Real):  # numpy scalars too
             return f"expected a number ({want:.6g}), got {_describe(got)}"
+        got = float(got)
         if math.isinf(want):
             return None if got == want else f"expected {want} (math.inf), got {got!r}"
         # an honest answer computed in float32 (a tensor's .item()) is off by ~1e-7 relative
@@ -106,7 +111,7 @@ def _compare(got: Any, want: Any, atol: float) -> str | None:
             f"tolerance {tol:.2g}"
         )
     if isinstance(want, int) and not isinstance(want, bool):
-        if isinstance(got, bool) or not isinstance(got, (int, float)) or got != want:
+        if isinstance(got, bool) or not isinstance(got, numbers.Real) or got != want:
             return f"expected {want}, got {_describe(got)}"
         return None
     if type(got) is not type(want) or got != want:
@@ -326,7 +331,9 @@ def run_check(
     """Call ``fn(*args)`` for each ``(label, args, expected)`` and print pass/FAIL per case.
 
     ``expected`` is a value, or a function ``judge(got) -> None | str`` (``None`` = pass, a string
-    says what is wrong). ``forbid`` lists library functions the reader must not call.
+    says what is wrong). Numbers and float tensors pass within ``atol + FLOAT32_RTOL *
+    |expected|`` (an honest float32 computation passes), masks and whole numbers only exactly.
+    ``forbid`` lists library functions the reader must not call.
     """
     print(f"check: {title}")
     passed = 0
