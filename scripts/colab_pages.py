@@ -59,6 +59,7 @@ def bibliography_url(config: dict) -> str:
 
 
 def _latex_to_text(text: str) -> str:
+    text = re.sub(r"\\url\{([^}]*)\}", r"\1", text)  # \url{https://...} -> the address
     text = re.sub(r"\\['`^\"~]\{?(\w)\}?", r"\1", text)  # accents: {\'e} -> e
     return text.replace("{", "").replace("}", "").replace("--", "–").replace("\\&", "&")
 
@@ -85,6 +86,8 @@ def read_bib(path: Path = ROOT / "book" / "references.bib") -> dict[str, dict]:
                 value, i = v.group(1) or v.group(2), v.end()
             value = " ".join(value.split())
             name = f.group(1).lower()
+            if (found := re.search(r"\\url\{([^}]*)\}", value)) and name != "url":
+                entry.setdefault("url", found.group(1))  # howpublished = {\url{...}}: the link
             entry[name] = value if name == "author" else _latex_to_text(value)
             i = re.compile(r"\s*,?").match(text, i).end()
         entries.setdefault(m.group(2), entry)
