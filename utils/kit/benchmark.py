@@ -182,8 +182,9 @@ elif name == "source listing":
     from utils.kit.source_listings import unstructured_pruning as prune
 else:
     from torch.nn.utils import prune as P
+    from utils.pruning import select_layers  # the layers PRUNERS gives it (import not timed)
     def prune(m, r):
-        layers = [(x, "weight") for x in m.modules() if isinstance(x, (torch.nn.Conv2d, torch.nn.Linear))]
+        layers = [(x, "weight") for x in select_layers(m).values()]
         P.global_unstructured(layers, pruning_method=P.L1Unstructured, amount=r)
 times = []
 for m in copies:

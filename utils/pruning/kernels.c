@@ -56,6 +56,16 @@ static int split(const job *proto, int64_t n, int threads, job *jobs) {
     return threads;
 }
 
+/* Run `run` over consecutive ranges of [0, n) on `threads` threads; the sum of their counts. */
+static int64_t count_all(runner run, const job *proto, int64_t n, int threads) {
+    job jobs[MAX_THREADS];
+    threads = split(proto, n, threads, jobs);
+    run_all(run, jobs, threads);
+    int64_t total = 0;
+    for (int k = 0; k < threads; k++) total += jobs[k].count;
+    return total;
+}
+
 #define KERNELS(SUFFIX, UINT, FLOAT, MASK, INF)                                                   \
     static void *band_run_##SUFFIX(void *p) {                                                     \
         job *j = p;                                                                               \
@@ -141,14 +151,10 @@ static int split(const job *proto, int64_t n, int threads, job *jobs) {
     }                                                                                             \
     /* Zero in place the entries with bits < end (sign kept); their number. */                   \
     int64_t zero_##SUFFIX(UINT *x, int64_t n, UINT end, int threads) {                            \
-        job proto = {0}, jobs[MAX_THREADS];                                                       \
+        job proto = {0};                                                                          \
         proto.y = x;                                                                              \
         proto.end = end;                                                                          \
-        threads = split(&proto, n, threads, jobs);                                                \
-        run_all(zero_run_##SUFFIX, jobs, threads);                                                \
-        int64_t total = 0;                                                                        \
-        for (int k = 0; k < threads; k++) total += jobs[k].count;                                 \
-        return total;                                                                             \
+        return count_all(zero_run_##SUFFIX, &proto, n, threads);                                  \
     }                                                                                             \
     static void *keep_run_##SUFFIX(void *p) {                                                     \
         job *j = p;                                                                               \
@@ -167,15 +173,11 @@ static int split(const job *proto, int64_t n, int threads, job *jobs) {
     }                                                                                             \
     /* Write 1 into out where bits >= end, else 0; the number of ones. */                        \
     int64_t keep_##SUFFIX(const UINT *x, int64_t n, UINT end, FLOAT *out, int threads) {         \
-        job proto = {0}, jobs[MAX_THREADS];                                                       \
+        job proto = {0};                                                                          \
         proto.x = x;                                                                              \
         proto.y = out;                                                                            \
         proto.end = end;                                                                          \
-        threads = split(&proto, n, threads, jobs);                                                \
-        run_all(keep_run_##SUFFIX, jobs, threads);                                                \
-        int64_t total = 0;                                                                        \
-        for (int k = 0; k < threads; k++) total += jobs[k].count;                                 \
-        return total;                                                                             \
+        return count_all(keep_run_##SUFFIX, &proto, n, threads);                                  \
     }
 
 KERNELS(f32, uint32_t, float, 0x7FFFFFFFu, 0x7F800000u)

@@ -35,10 +35,7 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.c")
 ENV_OFF = "PRUNING_BOOK_NO_KERNELS"  # set to 1: never compile or load the loops (eager path)
 ENV_CACHE = "PRUNING_BOOK_KERNEL_CACHE"  # the folder of the compiled library
-_UINT = {
-    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, "f32", ctypes.c_uint32),
-    np.dtype(np.float64): (np.uint64, 0x7FFFFFFFFFFFFFFF, "f64", ctypes.c_uint64),
-}
+_UINT = {np.dtype(np.float32): (np.uint32, "f32"), np.dtype(np.float64): (np.uint64, "f64")}
 _LOADED: dict = {}  # "lib": the library or None, "why": why not
 _LOAD_LOCK = threading.Lock()
 
@@ -184,7 +181,7 @@ def _threads(n: int) -> int:
 
 
 def _bits(x: np.ndarray) -> tuple[np.ndarray, tuple]:
-    """``x`` viewed as unsigned integers, and its (uint, mask, suffix, ctype)."""
+    """``x`` viewed as unsigned integers, and its (uint type, function suffix)."""
     if x.dtype not in _UINT or x.ndim != 1 or not x.flags.c_contiguous:
         raise ValueError(
             f"the compiled loops take 1-D contiguous float32 or float64 arrays, got "
@@ -225,7 +222,7 @@ def band(
     ``lo`` and ``hi``, in order: one read of ``x`` (a second one only if the band holds more
     than 1/64 of it). No NaN in ``x``; ``finite=True`` raises :class:`NotFinite` if it holds
     NaN or an infinity (checked in the same read)."""
-    xb, (_, _, suffix, _) = _bits(x)
+    xb, (_, suffix) = _bits(x)
     first, end = _key_at_most(x, lo), _key_below(x, hi)
     threads, fn = _threads(x.size), getattr(_lib(), f"band_{suffix}")
     cap = max(1024, -(-x.size // (64 * threads)))
@@ -260,7 +257,7 @@ def band(
 def zero_below(x: np.ndarray, value: float) -> int:
     """Set to zero, in place, the entries with ``|x| < value`` (keeping their sign, as
     multiplying by 0 does); their number."""
-    xb, (_, _, suffix, _) = _bits(x)
+    xb, (_, suffix) = _bits(x)
     if not x.flags.writeable:
         raise ValueError("zero_below writes into x, which is read-only")
     return int(
@@ -272,7 +269,7 @@ def zero_below(x: np.ndarray, value: float) -> int:
 
 def keep_flags(x: np.ndarray, value: float, out: np.ndarray) -> int:
     """Write 1 into ``out`` where ``|x| >= value`` and 0 elsewhere; the number of ones."""
-    xb, (_, _, suffix, _) = _bits(x)
+    xb, (_, suffix) = _bits(x)
     if (
         out.shape != x.shape
         or out.dtype != x.dtype
