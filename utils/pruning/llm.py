@@ -16,11 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from utils.pruning import masks
+from utils.pruning.decoder import (
+    catch_inputs,
+    find_blocks,
+    in_features,
+    is_linear,
+    move_inputs,
+    run_block,
+    transposed,
+)
 from utils.pruning.magnitude import (
     check_share,
-    clone_model,
     refuse_unmaskable,
-    select_layers,
     semi_structured_mask,
     weight_tensors,
 )
@@ -69,21 +76,28 @@ def semi_structured_bytes(rows: int, cols: int, bits: int = 16) -> int:
 
 # ----------------------------------------------------------------------------- calibration
 class InputStats:
-    """Running ``X^T X`` (float32) and row count of the inputs a Linear layer has seen."""
+    """Running statistics (float32) of the inputs a Linear layer has seen: ``X^T X`` and the row
+    count, or with ``full=False`` only the diagonal of ``X^T X`` (all Wanda needs: ``features``
+    numbers instead of ``features ** 2``)."""
 
-    def __init__(self, features: int, device: torch.device) -> None:
-        self.gram = torch.zeros(features, features, device=device)
+    def __init__(self, features: int, device: torch.device, full: bool = True) -> None:
+        self.gram = torch.zeros(features, features, device=device) if full else None
+        self.squares = None if full else torch.zeros(features, device=device)
         self.count = 0
 
     def add(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.gram += x.T @ x
+        if self.gram is not None:
+            self.gram += x.T @ x
+        else:
+            self.squares += (x * x).sum(0)
         self.count += x.shape[0]
 
     @property
     def norms(self) -> Tensor:
         """``||X_j||_2`` of every input feature over all rows seen."""
-        return self.gram.diagonal().clamp_min(0).sqrt()
+        diagonal = self.gram.diagonal() if self.gram is not None else self.squares
+        return diagonal.clamp_min(0).sqrt()
 
 
 class _Enough(Exception):
@@ -116,7 +130,7 @@ def capture_inputs(
         return hook
 
     for name, m in layers.items():
-        stats[name] = InputStats(m.in_features, device)
+        stats[name] = InputStats(in_features(m), device)
         handles.append(m.register_forward_hook(record(name)))
     try:
         with eval_mode(model):
@@ -165,6 +179,8 @@ def sparsegpt_layer(
     ``diag H``) and their weights set to zero. Raises ``ValueError`` if ``H`` is not positive
     definite even after damping (try a larger ``damp``).
     """
+    if stats.gram is None:
+        raise ValueError("SparseGPT needs the full X^T X: collect InputStats with full=True")
     w = weight.detach().float().clone()
     rows, cols = w.shape
     fixed = keep is not None
@@ -223,20 +239,56 @@ def _check_nm(nm: object) -> tuple[int, int]:
     return int(nm[0]), int(nm[1])
 
 
-def default_layers(model: nn.Module) -> list[str]:
-    """The Linear layers inside ``model.blocks`` if it has blocks, else all Linears but the last."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    inside = [n for n in names if n.startswith("blocks.")]
+def _blocks_or_none(model: nn.Module, blocks: str | nn.ModuleList | None) -> str | None:
+    """The block stack's name; ``None`` for a model without one (unless ``blocks`` was given)."""
+    if blocks is not None:
+        return find_blocks(model, blocks)
+    try:
+        return find_blocks(model)
+    except ValueError:
+        return None
+
+
+def default_layers(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> list[str]:
+    """The Linear (and GPT-2 ``Conv1D``) layers inside the model's blocks
+    (:func:`utils.pruning.decoder.find_blocks`); for a model without blocks, every Linear but
+    the last (the output layer)."""
+    stack = _blocks_or_none(model, blocks)
+    names = [n for n, m in model.named_modules() if is_linear(m)]
+    inside = [n for n in names if stack is not None and n.startswith(stack + ".")]
     return inside or names[:-1]
 
 
-def _groups(names: list[str]) -> list[list[str]]:
-    """Layers pruned together: one group per ``blocks.<i>``, in order; all others in one group."""
-    groups: dict[str, list[str]] = {}
+def _block_of(name: str, stack: str) -> int | None:
+    """The index of the block that holds layer ``name`` (``None`` outside the stack)."""
+    if not name.startswith(stack + "."):
+        return None
+    return int(name[len(stack) + 1 :].split(".")[0])
+
+
+def _select(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if is_linear(m)]
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("layers is empty: name at least one Linear layer")
     for n in names:
-        parts = n.split(".")
-        groups.setdefault(".".join(parts[:2]) if parts[0] == "blocks" else "", []).append(n)
-    return list(groups.values())
+        if not isinstance(n, str):
+            raise TypeError(f"layers must be module names (str), got {type(n).__name__} {n!r}")
+        if n not in modules:
+            raise ValueError(f"unknown layer {n!r}; Linear layers are {linears}")
+        if not is_linear(modules[n]):
+            raise ValueError(
+                f"layer {n!r} is a {masks.base_class(modules[n]).__name__}; "
+                "only Linear layers are pruned"
+            )
+    for owner_name, owner in modules.items():  # it computes with out_proj.weight directly
+        if isinstance(owner, nn.MultiheadAttention) and f"{owner_name}.out_proj" in names:
+            raise ValueError(
+                f"{owner_name}.out_proj belongs to an nn.MultiheadAttention, which never calls "
+                "it (it reads the weight itself), so its inputs cannot be seen: leave it out"
+            )
+    return {n: modules[n] for n in dict.fromkeys(names)}
 
 
 def _validate(
@@ -246,33 +298,37 @@ def _validate(
     calibration: object,
     nm: object,
     layers: Iterable[str] | None,
-) -> tuple[dict[str, float | None], tuple[int, int] | None]:
+    blocks: str | nn.ModuleList | None,
+    damp: float,
+) -> tuple[dict[str, float | None], tuple[int, int] | None, str | None]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity= (unstructured) and nm=(n, m) (N:M)")
+    if not (isinstance(damp, (int, float)) and damp > 0):
+        raise ValueError(f"damp must be a positive number, got {damp!r}")
     if isinstance(sparsity, dict):
         if layers is not None:
             raise ValueError("sparsity is a dict of per-layer sparsities: leave layers=None")
         layers = list(sparsity)
-    selected = select_layers(model, default_layers(model) if layers is None else layers)
-    names = list(selected)
+    stack = _blocks_or_none(model, blocks)
+    selected = _select(model, default_layers(model, blocks) if layers is None else layers)
     refuse_unmaskable((n, m, "weight") for n, m in selected.items())
     if len(weight_tensors(model, selected)) < len(selected):  # also refuses sharing outside
         raise ValueError("one-shot pruning of a weight shared by several layers is not supported")
-    modules = dict(model.named_modules())
     nm = None if nm is None else _check_nm(nm)
     plan = {}
-    for n in names:
-        m = modules[n]
-        if not isinstance(m, nn.Linear):
-            raise ValueError(f"layer {n!r} is a {type(m).__name__}; only Linear layers are pruned")
+    for n, m in selected.items():
         if masks.is_masked(m):
             raise ValueError(f"layer {n!r} is already pruned; one-shot methods start dense")
         if not torch.isfinite(m.weight).all():
             raise ValueError(f"layer {n!r} has NaN or infinite weights")
-        if nm is not None and m.in_features % nm[1]:
-            raise ValueError(f"layer {n!r} has {m.in_features} inputs, not a multiple of m={nm[1]}")
+        if nm is not None and in_features(m) % nm[1]:
+            raise ValueError(
+                f"layer {n!r} has {in_features(m)} inputs, not a multiple of m={nm[1]}"
+            )
         s = sparsity.get(n) if isinstance(sparsity, dict) else sparsity
         plan[n] = None if nm is not None else check_share(s, f"sparsity of {n!r}", one=False)
     if criterion != "magnitude":
@@ -280,7 +336,66 @@ def _validate(
             raise ValueError(
                 f"criterion {criterion!r} needs calibration= (a non-empty tensor of model inputs)"
             )
-    return plan, nm
+        if stack is None:
+            find_blocks(model)  # raises, saying what to pass
+        outside = [n for n in plan if _block_of(n, stack) is None]
+        if outside:
+            raise ValueError(
+                f"{outside} lie outside the blocks ({stack!r}): criterion {criterion!r} "
+                "calibrates block by block; prune them with criterion='magnitude'"
+            )
+    return plan, nm, stack
+
+
+def _prune_layer(
+    module: nn.Module, stats: InputStats | None, criterion: str, share, nm, damp: float
+) -> tuple[Tensor | None, Tensor]:
+    """(new weight or ``None`` where the kept weights stay as they are, keep mask) of one
+    layer, both in the layer's own weight layout."""
+    w = masks.stored(module).detach()
+    w = w.T if transposed(module) else w  # rows are outputs, columns inputs
+    if criterion == "sparsegpt":
+        new, keep = sparsegpt_layer(w, stats, share, nm, damp)
+    elif criterion == "wanda+update":  # Wanda's mask, SparseGPT's update
+        scores = wanda_scores(w, stats.norms)
+        mask = nm_mask(scores, *nm) if nm is not None else row_mask(scores, share)
+        new, keep = sparsegpt_layer(w, stats, damp=damp, keep=mask)
+    else:
+        scores = w.float().abs() if criterion == "magnitude" else wanda_scores(w, stats.norms)
+        keep = nm_mask(scores, *nm) if nm is not None else row_mask(scores, share)
+        new = None
+    if transposed(module):
+        new, keep = (None if new is None else new.T), keep.T.contiguous()
+    return new, keep
+
+
+def _apply(module: nn.Module, new: Tensor | None, keep: Tensor) -> None:
+    if new is not None:
+        with torch.no_grad():
+            masks.stored(module).copy_(new)
+    masks.set_mask(module, "weight", keep)
+
+
+@torch.no_grad()
+def _block_stats(
+    block: nn.Module, layers: dict[str, nn.Module], inputs: list, full: bool
+) -> dict[str, InputStats]:
+    """Each layer's input statistics while ``block`` runs on every calibration batch."""
+    device = next(block.parameters()).device
+    stats = {n: InputStats(in_features(m), device, full) for n, m in layers.items()}
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: stats[n].add(inp[0]))
+        for n, m in layers.items()
+    ]
+    try:
+        run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    silent = [n for n, s in stats.items() if s.count == 0]
+    if silent:
+        raise ValueError(f"{silent} never ran when their block did, so they cannot be calibrated")
+    return stats
 
 
 def prune_llm(
@@ -291,56 +406,70 @@ def prune_llm(
     nm: tuple[int, int] | None = None,
     layers: Iterable[str] | None = None,
     damp: float = 0.01,
+    blocks: str | nn.ModuleList | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 16,
 ) -> dict[str, Tensor]:
-    """One-shot pruning of Linear layers without retraining; returns keep masks by layer.
+    """One-shot pruning of a decoder LM's Linear layers without retraining; returns keep masks
+    by layer (in each weight's own layout).
 
     ``criterion``: ``"magnitude"`` (|W|), ``"wanda"`` (|W| * ||X_j||), ``"sparsegpt"`` (OBS
     reconstruction, which also updates the kept weights) or ``"wanda+update"`` (Wanda's mask,
     then SparseGPT's update of the kept weights). ``sparsity`` is a share per output row
     (one float, or a dict ``{layer: share}``); ``nm=(2, 4)`` keeps 2 of every 4 inputs instead.
-    By default the Linear layers of ``model.blocks`` are pruned, block after block: each block's
-    calibration inputs come from the model with the earlier blocks already pruned.
+
+    By default the Linear layers of the model's blocks are pruned (the block stack is found
+    generically, see :func:`utils.pruning.decoder.find_blocks`; ``blocks=`` names it). The
+    calibrated criteria run **sequentially, one pass per block**, as the papers' drivers do:
+    the first block's inputs are caught once, then each block collects its layers' statistics,
+    is pruned in place, and runs once more to give the next block its inputs, so each block is
+    calibrated on the outputs of the already pruned blocks before it. Nothing is copied:
+    memory is one block's activations and statistics (Wanda keeps only ``diag(X^T X)``).
+    ``device="cuda"`` runs each block there while it is pruned and puts it back (the model can
+    stay on the CPU). Blocks compute in the model's dtype; statistics are float32.
     """
-    plan, nm = _validate(model, sparsity, criterion, calibration, nm, layers)
-    work = clone_model(model) if criterion != "magnitude" else model
-    wmods, results = dict(work.named_modules()), {}
-    with torch.no_grad():
-        for group in _groups(list(plan)):
-            stats = (
-                {}
-                if criterion == "magnitude"
-                else capture_inputs(
-                    work,
-                    {n: wmods[n] for n in group},
-                    calibration,
-                    stop_early=group[0].startswith("blocks."),
-                )
-            )
-            for n in group:
-                w = wmods[n].weight
-                if criterion == "sparsegpt":
-                    new, keep = sparsegpt_layer(w, stats[n], plan[n], nm, damp)
-                elif criterion == "wanda+update":  # Wanda's mask, SparseGPT's update
-                    scores = wanda_scores(w, stats[n].norms)
-                    mask = nm_mask(scores, *nm) if nm is not None else row_mask(scores, plan[n])
-                    new, keep = sparsegpt_layer(w, stats[n], damp=damp, keep=mask)
-                else:
-                    scores = (
-                        w.float().abs()
-                        if criterion == "magnitude"
-                        else wanda_scores(w, stats[n].norms)
-                    )
-                    keep = nm_mask(scores, *nm) if nm is not None else row_mask(scores, plan[n])
-                    new = w.detach()
-                results[n] = (new.clone(), keep)
-            if work is not model:
-                for n in group:  # the next block sees the pruned outputs of this one
-                    wmods[n].weight.copy_(results[n][0] * results[n][1])
-        modules = dict(model.named_modules())
-        for n, (new, keep) in results.items():
-            modules[n].weight.copy_(new)
-            masks.set_mask(modules[n], "weight", keep)
-    return {n: keep for n, (_, keep) in results.items()}
+    plan, nm, stack = _validate(model, sparsity, criterion, calibration, nm, layers, blocks, damp)
+    modules = dict(model.named_modules())
+    results = {}
+    if criterion == "magnitude":
+        for n, share in plan.items():
+            results[n] = _prune_layer(modules[n], None, criterion, share, nm, damp)
+            _apply(modules[n], *results[n])
+        return {n: keep for n, (_, keep) in results.items()}
+    stack_list = modules[stack]
+    by_block: dict[int, list[str]] = {}
+    for n in plan:
+        by_block.setdefault(_block_of(n, stack), []).append(n)
+    inputs = catch_inputs(model, stack_list, calibration, batch_size)
+    for i in range(max(by_block) + 1):
+        block = stack_list[i]
+        home = next(block.parameters()).device
+        run_on = torch.device(device) if device is not None else home
+        if run_on != home:
+            block.to(run_on)
+            inputs = move_inputs(inputs, run_on)
+        try:
+            if i in by_block:
+                layers_i = {n: modules[n] for n in by_block[i]}
+                stats = _block_stats(block, layers_i, inputs, full=criterion != "wanda")
+                done = {
+                    n: _prune_layer(m, stats[n], criterion, plan[n], nm, damp)
+                    for n, m in layers_i.items()
+                }
+                del stats
+                for n, (new, keep) in done.items():  # the block is changed only now
+                    _apply(modules[n], new, keep)
+                    results[n] = keep
+            if i < max(by_block):
+                inputs = run_block(block, inputs)
+        except Exception as error:
+            if results:  # say what was done: the blocks before this one are pruned
+                error.add_note(f"prune_llm: blocks 0-{i - 1} of {stack!r} were pruned already")
+            raise
+        finally:
+            if run_on != home:
+                block.to(home)
+    return results
 
 
 def prune_magnitude(

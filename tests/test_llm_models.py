@@ -1,0 +1,252 @@
+"""LLM pruning on real model families: tiny, randomly initialized transformers models built from
+their configs (no download). Exact counts, masks in force through the model's own forward pass
+and through training, the sequential driver equal to a naive re-run from the embedding, dtypes
+kept, no copy of the model, and refusals for structures it cannot read."""
+
+import copy
+
+import pytest
+import torch
+from conftest import same_snapshot, snapshot
+from torch import nn
+
+from utils.pruning import effective_weight
+from utils.pruning.decoder import find_blocks, transposed
+from utils.pruning.llm import (
+    InputStats,
+    capture_inputs,
+    default_layers,
+    prune_llm,
+    row_mask,
+    sparsegpt_layer,
+    wanda_scores,
+)
+from utils.pruning.masks import mask_of
+
+T = pytest.importorskip("transformers")
+
+VOCAB, HIDDEN, FF = 64, 32, 64
+GQA = {"intermediate_size": FF, "num_key_value_heads": 2}  # 4 query heads, 2 key/value heads
+FAMILIES = {  # family: (model class, config class, its own settings, where its blocks are)
+    "llama": ("LlamaForCausalLM", "LlamaConfig", GQA, "model.layers"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", GQA, "model.layers"),
+    "mistral": ("MistralForCausalLM", "MistralConfig", GQA, "model.layers"),
+    "opt": (
+        "OPTForCausalLM",
+        "OPTConfig",
+        {"ffn_dim": FF, "word_embed_proj_dim": HIDDEN},
+        "model.decoder.layers",
+    ),
+    "gpt2": (
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        {"bos_token_id": 0, "eos_token_id": 0},
+        "transformer.h",
+    ),  # transformers' Conv1D layers
+    "gpt-neox": (
+        "GPTNeoXForCausalLM",
+        "GPTNeoXConfig",
+        {"intermediate_size": FF},
+        "gpt_neox.layers",
+    ),
+}
+
+
+def build(family: str, dtype=torch.float32) -> nn.Module:
+    model_class, config_class, own, _ = FAMILIES[family]
+    config = getattr(T, config_class)(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        **own,
+    )
+    torch.manual_seed(0)
+    model = getattr(T, model_class)(config)
+    with torch.no_grad():  # trained-looking scales instead of the initializer's 0.02
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def calib(n=6, length=12):
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+def rows_view(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor as (outputs, inputs), whatever the layer stores."""
+    return t.T if transposed(module) else t
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x, use_cache=False).logits.float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_blocks_are_found(family):
+    model = build(family)
+    assert find_blocks(model) == FAMILIES[family][3]
+    names = default_layers(model)
+    assert names and all(n.startswith(FAMILIES[family][3] + ".") for n in names)
+    assert len(names) % 2 == 0  # the same layers in each of the two blocks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt", "wanda+update"])
+def test_exact_counts_and_masks_in_force(family, criterion):
+    for kw in ({"sparsity": 0.5}, {"nm": (2, 4)}):
+        model = build(family)
+        keep = prune_llm(model, criterion=criterion, calibration=calib(), **kw)
+        assert list(keep) == default_layers(model)
+        modules = dict(model.named_modules())
+        for name, k in keep.items():
+            m = modules[name]
+            k = rows_view(m, k)
+            cols = k.shape[1]
+            assert ((~k).sum(1) == cols // 2).all()
+            assert (rows_view(m, effective_weight(m))[~k] == 0).all()
+            if "nm" in kw:
+                assert (k.reshape(k.shape[0], -1, 4).sum(-1) == 2).all()
+        assert torch.isfinite(logits(model, calib(2))).all()
+    # training with the model's own loss: pruned weights stay zero
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = calib(4)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x, labels=x, use_cache=False).loss.backward()
+        opt.step()
+    assert all((effective_weight(modules[n])[~k] == 0).all() for n, k in keep.items())
+
+
+def naive(model: nn.Module, criterion: str, x: torch.Tensor, share: float) -> dict:
+    """The sequential procedure the slow way: for each block, the whole model is run again
+    from the embedding (on a copy whose earlier blocks are already pruned)."""
+    work, out = copy.deepcopy(model), {}
+    stack = find_blocks(model)
+    for i in range(len(work.get_submodule(stack))):
+        names = [n for n in default_layers(work) if n.startswith(f"{stack}.{i}.")]
+        layers = {n: work.get_submodule(n) for n in names}
+        stats = capture_inputs(work, layers, x)
+        for n, m in layers.items():
+            w = rows_view(m, m.weight.detach())
+            if criterion == "wanda":
+                new, keep = w.clone(), row_mask(wanda_scores(w, stats[n].norms), share)
+            else:
+                new, keep = sparsegpt_layer(w, stats[n], share)
+            out[n] = (rows_view(m, new * keep), rows_view(m, keep))
+        with torch.no_grad():
+            for n, m in layers.items():
+                m.weight.copy_(out[n][0])
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_sequential_equals_a_naive_rerun_from_the_embedding(family, criterion):
+    model, x = build(family), calib()
+    want = naive(model, criterion, x, 0.5)
+    keep = prune_llm(model, 0.5, criterion, x)
+    modules = dict(model.named_modules())
+    for n, (w, k) in want.items():
+        assert torch.equal(keep[n], k), n
+        assert torch.allclose(effective_weight(modules[n]), w, atol=1e-5), n
+    # and block 1 really was calibrated on block 0 pruned: its inputs differ from the dense ones
+    first = next(n for n in keep if n.startswith(find_blocks(model) + ".1."))
+    assert not torch.equal(naive_norms(build(family), first, x), naive_norms(model, first, x))
+
+
+def naive_norms(model, name, x):
+    return capture_inputs(model, {name: model.get_submodule(name)}, x)[name].norms
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_model_dtype_is_kept(family, dtype):
+    model = build(family, dtype)
+    keep = prune_llm(model, 0.5, "sparsegpt", calib())
+    for n in keep:
+        m = model.get_submodule(n)
+        assert effective_weight(m).dtype == dtype and mask_of(m).dtype == dtype
+    assert torch.isfinite(logits(model, calib(2))).all()
+
+
+def test_no_copy_and_wanda_keeps_only_the_diagonal(monkeypatch):
+    model, other = build("llama"), build("llama")
+    made = []
+    real = InputStats.__init__
+
+    def spy(self, features, device, full=True):
+        made.append(full)
+        real(self, features, device, full)
+
+    monkeypatch.setattr(InputStats, "__init__", spy)
+    monkeypatch.setattr(
+        nn.Module, "__deepcopy__", lambda *a: pytest.fail("the model was copied"), raising=False
+    )
+    prune_llm(model, 0.5, "wanda", calib())
+    assert made and not any(made)
+    made.clear()
+    prune_llm(other, 0.5, "sparsegpt", calib())
+    assert made and all(made)
+
+
+def test_the_cpu_model_pruned_block_by_block_on_a_named_device():
+    a, b = build("llama"), build("llama")
+    prune_llm(a, 0.5, "sparsegpt", calib())
+    prune_llm(b, 0.5, "sparsegpt", calib(), device="cpu", blocks="model.layers")
+    for n, m in a.named_modules():
+        if mask_of(m) is not None:
+            assert torch.equal(effective_weight(m), effective_weight(b.get_submodule(n)))
+
+
+class Parallel(nn.Module):
+    """Two blocks that both read the embedding: not a chain, so not prunable block by block."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8)) for _ in range(2))
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head(sum(b(h) for b in self.blocks))
+
+
+class NoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, VOCAB)
+
+    def forward(self, x):
+        return self.head(self.fc(self.emb(x)))
+
+
+@pytest.mark.parametrize(
+    "model,kwargs,match",
+    [
+        (NoBlocks, {}, "blocks="),
+        (Parallel, {}, "does not receive"),
+        (lambda: build("llama"), {"blocks": "model.norm"}, "not a non-empty ModuleList"),
+        (lambda: build("llama"), {"layers": ["lm_head"]}, "outside the blocks"),
+        (lambda: build("llama"), {"damp": 0.0}, "damp"),
+        (
+            lambda: nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2
+            ),
+            {"layers": ["layers.0.self_attn.out_proj"]},
+            "MultiheadAttention",
+        ),
+    ],
+    ids=["no blocks", "not a chain", "blocks not a list", "outside", "damp", "mha out_proj"],
+)
+def test_structures_it_cannot_read_are_refused_and_nothing_changes(model, kwargs, match):
+    m = model()
+    before = snapshot(m)
+    with pytest.raises(ValueError, match=match):
+        prune_llm(m, 0.5, "wanda", calib(), **kwargs)
+    assert same_snapshot(before, snapshot(m))
