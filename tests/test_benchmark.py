@@ -67,3 +67,31 @@ def test_peak_memory_sees_a_large_allocation_even_after_freeing_one():
     elapsed, extra = peak_extra_rss(hold_200_mb)
     assert 150 * 2**20 < extra < 400 * 2**20 and elapsed >= 0.05
     assert peak_extra_rss(lambda: None)[1] < 50 * 2**20
+
+
+def test_llm_benchmark_quick_mode(tmp_path):
+    import pytest
+
+    pytest.importorskip("transformers")
+    from utils.kit.bench_llm import _run_reference, bench_llm_1b, layer_and_stats
+    from utils.kit.bench_llm import main as llm_main
+
+    saved = llm_main(["--quick", "--only", "f", "--json", str(tmp_path / "llm.json")])
+    rows = json.loads((tmp_path / "llm.json").read_text())["sparsegpt_layer"]["rows"]
+    assert [r["setting"] for r in rows] == ["2:4", "50 %"] and all(r["utils s"] > 0 for r in rows)
+    assert saved["sparsegpt_layer"]["reference"] == "not given"
+    small = bench_llm_1b("wanda", samples=2, length=8, hidden=128, blocks=2, mlp=256, vocab=64)
+    block_linears = 2 * (4 * 128 * 128 + 3 * 128 * 256)
+    assert small["zeros in the blocks"] == block_linears // 2  # exactly half of each row
+    assert small["peak / model bytes"] >= 1 and small["calibration tokens"] == 16
+
+    class Fake:  # the reference's interface: a layer, .H and .nsamples, fasterprune(**kw)
+        def __init__(self, layer):
+            self.layer = layer
+
+        def fasterprune(self, sparsity, prunen=0, prunem=0):
+            print("time 0.0")  # the reference prints; the harness swallows it
+            self.layer.weight.data = self.layer.weight.data * (self.H.diagonal() > 0)
+
+    w, stats = layer_and_stats(16, 64)
+    assert np.allclose(_run_reference(Fake, w, stats, sparsity=0.5).numpy(), w.numpy())

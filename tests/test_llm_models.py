@@ -202,6 +202,16 @@ def test_the_cpu_model_pruned_block_by_block_on_a_named_device():
             assert torch.equal(effective_weight(m), effective_weight(b.get_submodule(n)))
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+def test_zeros_in_place_without_masks_give_the_same_weights(criterion):
+    a, b = build("gpt2"), build("gpt2")
+    keep = prune_llm(a, 0.5, criterion, calib())
+    assert prune_llm(b, 0.5, criterion, calib(), install_masks=False) == {}
+    for n in keep:
+        m = b.get_submodule(n)
+        assert mask_of(m) is None and torch.equal(m.weight, effective_weight(a.get_submodule(n)))
+
+
 class Parallel(nn.Module):
     """Two blocks that both read the embedding: not a chain, so not prunable block by block."""
 
@@ -250,3 +260,109 @@ def test_structures_it_cannot_read_are_refused_and_nothing_changes(model, kwargs
     with pytest.raises(ValueError, match=match):
         prune_llm(m, 0.5, "wanda", calib(), **kwargs)
     assert same_snapshot(before, snapshot(m))
+
+
+# ----------------------------------------------------------------------------- structured
+LLAMA_STYLE = ["llama", "qwen2", "mistral"]
+
+
+def masked_copy(model, kept):
+    """The unshrunk model with the removed units' weights zeroed: what shrinking must equal."""
+    from utils.pruning.decoder_units import groups_of
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for block, neurons, groups in zip(m.model.layers, kept["neurons"], kept["groups"]):
+            mlp, attn = block.mlp, block.self_attn
+            off = torch.ones(mlp.gate_proj.out_features, dtype=torch.bool)
+            off[neurons] = False
+            mlp.gate_proj.weight[off] = 0
+            mlp.up_proj.weight[off] = 0
+            mlp.down_proj.weight[:, off] = 0
+            d, per = attn.head_dim, attn.num_key_value_groups
+            gone = [g for g in range(groups_of(attn)) if g not in groups.tolist()]
+            for g in gone:
+                attn.k_proj.weight[g * d : (g + 1) * d] = 0
+                attn.v_proj.weight[g * d : (g + 1) * d] = 0
+                q = slice(g * per * d, (g + 1) * per * d)
+                attn.q_proj.weight[q] = 0
+                attn.o_proj.weight[:, q] = 0
+    return m
+
+
+@pytest.mark.parametrize("family", LLAMA_STYLE)
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_swiglu_neurons_and_kv_groups_shrink_to_the_masked_outputs(family, calibrated):
+    from utils.pruning.decoder_units import prune_units, unit_scores
+
+    model, x = build(family), calib()
+    scores = unit_scores(model, x if calibrated else None)
+    before = copy.deepcopy(model)
+    kept = prune_units(model, 0.5, 0.5, scores)
+    assert [len(k) for k in kept["neurons"]] == [FF // 2] * 2
+    assert [len(k) for k in kept["groups"]] == [1, 1]  # 2 key/value groups, one stays
+    for block in model.model.layers:
+        assert block.mlp.gate_proj.out_features == FF // 2 == block.mlp.down_proj.in_features
+        assert block.self_attn.q_proj.out_features == 2 * block.self_attn.head_dim
+        assert block.self_attn.k_proj.out_features == block.self_attn.head_dim
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert params(model) < params(before)
+    assert torch.allclose(logits(model, x), logits(masked_copy(before, kept), x), atol=1e-5)
+    # the kept units are the best-scored ones
+    for s, k in zip(scores["neurons"], kept["neurons"]):
+        off = torch.ones(len(s), dtype=torch.bool)
+        off[k] = False
+        assert s[k].min() >= s[off].max()
+
+
+def test_block_distances_and_dropping_blocks_equal_skipping_them():
+    from utils.pruning.decoder_units import block_distances, drop_blocks
+
+    torch.manual_seed(0)
+    config = T.Qwen2Config(  # Qwen2: its config lists a type per layer, which must follow
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FF,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model, x = T.Qwen2ForCausalLM(config).eval(), calib()
+    dist = block_distances(model, x)
+    assert dist.shape == (4,) and ((dist >= 0) & (dist <= 1)).all()
+    drop = torch.argsort(dist)[:2].tolist()
+    skipped = copy.deepcopy(model)
+    for i in drop:  # a block made the identity: its output is its input
+        skipped.model.layers[i].register_forward_hook(lambda m, a, k, o: a[0], with_kwargs=True)
+    want = logits(skipped, x)
+    drop_blocks(model, drop)
+    assert len(model.model.layers) == 2 == model.config.num_hidden_layers
+    assert len(model.config.layer_types) == 2
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
+    assert torch.allclose(logits(model, x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m: _units().unit_scores(build("gpt2")), "Llama-style"),
+        (lambda m: _units().prune_units(m, 1.0, 0.5, _units().unit_scores(m)), "neuron_ratio"),
+        (lambda m: _units().prune_units(m, 0.5, 0.5, {"neurons": [], "groups": []}), "sizes"),
+        (lambda m: _units().drop_blocks(m, [0, 1]), "every block"),
+        (lambda m: _units().drop_blocks(m, [5]), "indices"),
+    ],
+    ids=["not llama-style", "ratio", "scores", "all blocks", "index"],
+)
+def test_structured_bad_calls_change_nothing(call, match):
+    m = build("llama")
+    before = snapshot(m)
+    with pytest.raises(ValueError, match=match):
+        call(m)
+    assert same_snapshot(before, snapshot(m)) and len(m.model.layers) == 2
+
+
+def _units():
+    from utils.pruning import decoder_units
+
+    return decoder_units

@@ -12,7 +12,11 @@ kit (``utils.lab``) or book kit (``utils.kit``); a test enforces that.
 - :mod:`~utils.pruning.graph`: the torch.fx data flow (output layers, BatchNorms, flattens).
 - :mod:`~utils.pruning.surgery`: ``shrink``, a physically smaller copy of a pruned model.
 - :mod:`~utils.pruning.modes`: ``eval_mode``, a block in eval mode, the mode restored after.
-- :mod:`~utils.pruning.llm`: one-shot pruning of transformer LMs (magnitude, Wanda, SparseGPT).
+- :mod:`~utils.pruning.llm`: one-shot pruning of transformer LMs (magnitude, Wanda, SparseGPT),
+  block by block, on the book's LM and on Hugging Face decoders.
+- :mod:`~utils.pruning.decoder`: a decoder's block stack, found generically and run block by block.
+- :mod:`~utils.pruning.decoder_units`: SwiGLU neurons, key/value head groups and whole blocks of
+  Llama-style models removed (the model shrunk).
 """
 
 from utils.pruning import masks

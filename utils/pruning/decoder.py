@@ -84,7 +84,8 @@ class _Caught(Exception):
     """Raised by the first block's hook once its input is caught: the rest is not needed."""
 
 
-def _call_model(model: nn.Module, batch: Tensor) -> None:
+def call_model(model: nn.Module, batch: Tensor) -> None:
+    """``model(batch)``, with ``use_cache=False`` where the model takes it (no key/value cache)."""
     params = inspect.signature(model.forward).parameters
     model(batch, use_cache=False) if "use_cache" in params else model(batch)
 
@@ -124,7 +125,7 @@ def catch_inputs(
         try:
             for i in range(0, len(calibration), batch_size):
                 try:
-                    _call_model(model, calibration[i : i + batch_size].to(device))
+                    call_model(model, calibration[i : i + batch_size].to(device))
                 except _Caught:
                     pass
                 if len(caught) != i // batch_size + 1:
@@ -153,7 +154,7 @@ def _check_chain(model: nn.Module, blocks: nn.ModuleList, batch: Tensor) -> None
         handles.append(b.register_forward_pre_hook(see_in(i), with_kwargs=True))
         handles.append(b.register_forward_hook(see_out(i)))
     try:
-        _call_model(model, batch)
+        call_model(model, batch)
     finally:
         for h in handles:
             h.remove()

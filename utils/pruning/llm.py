@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from utils.pruning import masks
 from utils.pruning.decoder import (
+    call_model,
     catch_inputs,
     find_blocks,
     in_features,
@@ -111,11 +112,13 @@ def capture_inputs(
     calibration: Tensor,
     batch_size: int = 16,
     stop_early: bool = False,
+    full: bool = True,
 ) -> dict[str, InputStats]:
     """Run ``model`` on ``calibration`` (rows = samples); collect each layer's input statistics.
 
     With ``stop_early`` each forward pass is cut short once every layer has run (right for
-    layers that run once per pass, such as the Linears of one transformer block).
+    layers that run once per pass, such as the Linears of one transformer block); ``full=False``
+    keeps only the diagonal of ``X^T X`` (:class:`InputStats`).
     """
     stats, handles, seen = {}, [], set()
     device = next(model.parameters()).device
@@ -130,14 +133,14 @@ def capture_inputs(
         return hook
 
     for name, m in layers.items():
-        stats[name] = InputStats(in_features(m), device)
+        stats[name] = InputStats(in_features(m), device, full)
         handles.append(m.register_forward_hook(record(name)))
     try:
         with eval_mode(model):
             for i in range(0, len(calibration), batch_size):
                 seen.clear()
                 try:
-                    model(calibration[i : i + batch_size].to(device))
+                    call_model(model, calibration[i : i + batch_size].to(device))
                 except _Enough:
                     pass
     finally:
@@ -369,11 +372,14 @@ def _prune_layer(
     return new, keep
 
 
-def _apply(module: nn.Module, new: Tensor | None, keep: Tensor) -> None:
-    if new is not None:
-        with torch.no_grad():
+def _apply(module: nn.Module, new: Tensor | None, keep: Tensor, install: bool = True) -> None:
+    with torch.no_grad():
+        if new is not None:
             masks.stored(module).copy_(new)
-    masks.set_mask(module, "weight", keep)
+        if install:
+            masks.set_mask(module, "weight", keep)
+        else:  # zeros in place, as the papers' drivers do: no mask to keep them zero
+            masks.stored(module).mul_(keep)
 
 
 @torch.no_grad()
@@ -409,6 +415,7 @@ def prune_llm(
     blocks: str | nn.ModuleList | None = None,
     device: torch.device | str | None = None,
     batch_size: int = 16,
+    install_masks: bool = True,
 ) -> dict[str, Tensor]:
     """One-shot pruning of a decoder LM's Linear layers without retraining; returns keep masks
     by layer (in each weight's own layout).
@@ -427,15 +434,21 @@ def prune_llm(
     memory is one block's activations and statistics (Wanda keeps only ``diag(X^T X)``).
     ``device="cuda"`` runs each block there while it is pruned and puts it back (the model can
     stay on the CPU). Blocks compute in the model's dtype; statistics are float32.
+
+    ``install_masks=False`` zeroes the pruned weights in place and installs no mask (nothing to
+    keep them zero if the model is trained later), returns ``{}``, and so needs no memory
+    beyond the model's own: for a model that fills the machine.
     """
     plan, nm, stack = _validate(model, sparsity, criterion, calibration, nm, layers, blocks, damp)
     modules = dict(model.named_modules())
     results = {}
     if criterion == "magnitude":
         for n, share in plan.items():
-            results[n] = _prune_layer(modules[n], None, criterion, share, nm, damp)
-            _apply(modules[n], *results[n])
-        return {n: keep for n, (_, keep) in results.items()}
+            new, keep = _prune_layer(modules[n], None, criterion, share, nm, damp)
+            _apply(modules[n], new, keep, install_masks)
+            if install_masks:
+                results[n] = keep
+        return results
     stack_list = modules[stack]
     by_block: dict[int, list[str]] = {}
     for n in plan:
@@ -458,8 +471,9 @@ def prune_llm(
                 }
                 del stats
                 for n, (new, keep) in done.items():  # the block is changed only now
-                    _apply(modules[n], new, keep)
-                    results[n] = keep
+                    _apply(modules[n], new, keep, install_masks)
+                    results[n] = keep if install_masks else None
+                del done
             if i < max(by_block):
                 inputs = run_block(block, inputs)
         except Exception as error:
@@ -469,7 +483,7 @@ def prune_llm(
         finally:
             if run_on != home:
                 block.to(home)
-    return results
+    return results if install_masks else {}
 
 
 def prune_magnitude(
