@@ -52,16 +52,16 @@ FAMILIES = {  # family: (model class, config class, its own settings, where its 
 }
 
 
-def build(family: str, dtype=torch.float32) -> nn.Module:
+def build(family: str, dtype=torch.float32, **extra) -> nn.Module:
     model_class, config_class, own, _ = FAMILIES[family]
-    config = getattr(T, config_class)(
+    settings = dict(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=64,
-        **own,
     )
+    config = getattr(T, config_class)(**settings | own | extra)
     torch.manual_seed(0)
     model = getattr(T, model_class)(config)
     with torch.no_grad():  # trained-looking scales instead of the initializer's 0.02
@@ -121,7 +121,7 @@ def test_exact_counts_and_masks_in_force(family, criterion):
     assert all((effective_weight(modules[n])[~k] == 0).all() for n, k in keep.items())
 
 
-def naive(model: nn.Module, criterion: str, x: torch.Tensor, share: float) -> dict:
+def naive(model: nn.Module, criterion: str, x: torch.Tensor, share: float, batch=16) -> dict:
     """The sequential procedure the slow way: for each block, the whole model is run again
     from the embedding (on a copy whose earlier blocks are already pruned)."""
     work, out = copy.deepcopy(model), {}
@@ -129,7 +129,7 @@ def naive(model: nn.Module, criterion: str, x: torch.Tensor, share: float) -> di
     for i in range(len(work.get_submodule(stack))):
         names = [n for n in default_layers(work) if n.startswith(f"{stack}.{i}.")]
         layers = {n: work.get_submodule(n) for n in names}
-        stats = capture_inputs(work, layers, x)
+        stats = capture_inputs(work, layers, x, batch_size=batch)
         for n, m in layers.items():
             w = rows_view(m, m.weight.detach())
             if criterion == "wanda":
@@ -145,17 +145,127 @@ def naive(model: nn.Module, criterion: str, x: torch.Tensor, share: float) -> di
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 @pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
-def test_sequential_equals_a_naive_rerun_from_the_embedding(family, criterion):
-    model, x = build(family), calib()
-    want = naive(model, criterion, x, 0.5)
-    keep = prune_llm(model, 0.5, criterion, x)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager: a real attention-mask tensor
+def test_sequential_equals_a_naive_rerun_from_the_embedding(family, criterion, attention):
+    model, x = build(family, attn_implementation=attention), calib(7)
+    want = naive(model, criterion, x, 0.5, batch=3)  # three batches, the last one short
+    keep = prune_llm(model, 0.5, criterion, x, batch_size=3)
     modules = dict(model.named_modules())
     for n, (w, k) in want.items():
         assert torch.equal(keep[n], k), n
         assert torch.allclose(effective_weight(modules[n]), w, atol=1e-5), n
     # and block 1 really was calibrated on block 0 pruned: its inputs differ from the dense ones
     first = next(n for n in keep if n.startswith(find_blocks(model) + ".1."))
-    assert not torch.equal(naive_norms(build(family), first, x), naive_norms(model, first, x))
+    dense = build(family, attn_implementation=attention)
+    assert not torch.equal(naive_norms(dense, first, x), naive_norms(model, first, x))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blocks_run_one_at_a_time_give_what_they_give_inside_the_model(family):
+    from utils.pruning.decoder import catch_inputs, run_block
+
+    model, x = build(family, attn_implementation="eager"), calib(5)
+    stack = model.get_submodule(find_blocks(model))
+    inside = []
+    hooks = [b.register_forward_hook(lambda m, a, o: inside.append(o)) for b in stack]
+    with torch.no_grad():
+        model(x, use_cache=False)
+    for h in hooks:
+        h.remove()
+    inputs = catch_inputs(model, stack, x, batch_size=16)
+    for block, want in zip(stack, inside):
+        inputs = run_block(block, inputs)
+        got = inputs[0].hidden
+        assert torch.allclose(got, want if torch.is_tensor(want) else want[0], atol=1e-6)
+
+
+class Wrapped(nn.Module):
+    """A user's wrapper whose forward takes ``**kwargs`` and has no config: the model inside
+    builds a key/value cache unless told otherwise, which must not be carried along."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_a_cache_built_by_the_model_is_not_carried_from_block_to_block():
+    plain, wrapped, x = build("llama"), Wrapped(build("llama")), calib()
+    want = prune_llm(plain, 0.5, "sparsegpt", x)
+    got = prune_llm(wrapped, 0.5, "sparsegpt", x)
+    assert list(got) == ["inner." + n for n in want]
+    assert all(torch.equal(got["inner." + n], k) for n, k in want.items())
+
+
+def test_blocks_with_their_own_masks_are_refused():
+    model = build(
+        "qwen2",
+        num_hidden_layers=3,
+        use_sliding_window=True,
+        sliding_window=4,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+    )
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="other arguments than block 0"):
+        prune_llm(model, 0.5, "wanda", calib())
+    assert same_snapshot(before, snapshot(model))
+
+
+def test_an_error_part_way_says_which_blocks_were_pruned(monkeypatch):
+    import utils.pruning.llm as llm
+
+    real, calls = llm.sparsegpt_layer, []
+
+    def fail_in_block_1(weight, stats, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 7:  # block 0 has 7 layers
+            raise ValueError("SparseGPT: the damped Hessian is not positive definite")
+        return real(weight, stats, *args, **kwargs)
+
+    monkeypatch.setattr(llm, "sparsegpt_layer", fail_in_block_1)
+    model = build("llama")
+    with pytest.raises(ValueError) as info:
+        prune_llm(model, 0.5, "sparsegpt", calib())
+    assert "the first 1 blocks" in " ".join(getattr(info.value, "__notes__", []))
+    assert mask_of(model.model.layers[0].mlp.down_proj) is not None
+    assert mask_of(model.model.layers[1].self_attn.q_proj) is None  # block 1 left as it was
+
+
+class Experts(nn.Module):
+    """A block whose experts are one 3-D tensor (as transformers fuses them), beside a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+        self.experts = nn.Parameter(torch.randn(4, 8, 8))
+
+    def forward(self, h):
+        return h + torch.einsum("btd,edf->btf", h, self.experts) * self.router(h).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB)
+        self.blocks = nn.ModuleList(Experts() for _ in range(2))
+
+    def forward(self, x):
+        h = self.emb(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def test_a_block_of_fused_experts_is_refused_unless_layers_are_named():
+    m = MoE()
+    before = snapshot(m)
+    with pytest.raises(ValueError, match="not in Linear layers"):
+        prune_llm(m, 0.5, "wanda", calib())
+    assert same_snapshot(before, snapshot(m))
+    keep = prune_llm(m, 0.5, "wanda", calib(), layers=["blocks.0.router", "blocks.1.router"])
+    assert set(keep) == {"blocks.0.router", "blocks.1.router"}
 
 
 def naive_norms(model, name, x):
@@ -196,7 +306,10 @@ def test_no_copy_and_wanda_keeps_only_the_diagonal(monkeypatch):
 def test_the_cpu_model_pruned_block_by_block_on_a_named_device():
     a, b = build("llama"), build("llama")
     prune_llm(a, 0.5, "sparsegpt", calib())
-    prune_llm(b, 0.5, "sparsegpt", calib(), device="cpu", blocks="model.layers")
+    # "cpu:0" is not the model's torch.device("cpu"): each block is moved there and back
+    keep = prune_llm(b, 0.5, "sparsegpt", calib(), device="cpu:0", blocks="model.layers")
+    assert all(k.device == torch.device("cpu") for k in keep.values())
+    assert all(p.device == torch.device("cpu") for p in b.parameters())
     for n, m in a.named_modules():
         if mask_of(m) is not None:
             assert torch.equal(effective_weight(m), effective_weight(b.get_submodule(n)))
@@ -336,7 +449,7 @@ def test_block_distances_and_dropping_blocks_equal_skipping_them():
     for i in drop:  # a block made the identity: its output is its input
         skipped.model.layers[i].register_forward_hook(lambda m, a, k, o: a[0], with_kwargs=True)
     want = logits(skipped, x)
-    drop_blocks(model, drop)
+    drop_blocks(model, torch.argsort(dist)[:2])  # a tensor of indices, as argsort gives
     assert len(model.model.layers) == 2 == model.config.num_hidden_layers
     assert len(model.config.layer_types) == 2
     assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
@@ -351,8 +464,9 @@ def test_block_distances_and_dropping_blocks_equal_skipping_them():
         (lambda m: _units().prune_units(m, 0.5, 0.5, {"neurons": [], "groups": []}), "sizes"),
         (lambda m: _units().drop_blocks(m, [0, 1]), "every block"),
         (lambda m: _units().drop_blocks(m, [5]), "indices"),
+        (lambda m: _units().drop_blocks(m, True), "indices"),
     ],
-    ids=["not llama-style", "ratio", "scores", "all blocks", "index"],
+    ids=["not llama-style", "ratio", "scores", "all blocks", "index", "bool"],
 )
 def test_structured_bad_calls_change_nothing(call, match):
     m = build("llama")
@@ -366,3 +480,19 @@ def _units():
     from utils.pruning import decoder_units
 
     return decoder_units
+
+
+def test_causal_lm_perplexity_is_exp_of_the_mean_loss_over_segments():
+    from utils.lab.lm import causal_lm_perplexity
+
+    model = build("llama")
+    ids = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for i in range(3):  # three segments of 16; the last two tokens are dropped
+        x = ids[16 * i : 16 * (i + 1)][None]
+        out = model(x, use_cache=False).logits[0, :-1].float()
+        losses.append(torch.nn.functional.cross_entropy(out, x[0, 1:], reduction="sum"))
+    want = float(torch.stack(losses).sum() / (3 * 15))
+    assert abs(causal_lm_perplexity(model, ids, 16) - torch.tensor(want).exp().item()) < 1e-3
+    with pytest.raises(ValueError, match="at least"):
+        causal_lm_perplexity(model, ids[:10], 16)

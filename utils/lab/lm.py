@@ -344,6 +344,23 @@ def perplexity(
 
 
 @torch.no_grad()
+def causal_lm_perplexity(model: nn.Module, ids: Tensor, length: int = 2048) -> float:
+    """Perplexity of a Hugging Face causal LM on a 1-D token stream, as the SparseGPT and Wanda
+    papers measure it: the stream cut into consecutive segments of ``length`` tokens (the rest
+    dropped), each scored alone, exp of the mean loss over every predicted token."""
+    segments = len(ids) // length
+    if ids.dim() != 1 or segments == 0:
+        raise ValueError(f"need a 1-D stream of at least {length} tokens, got {tuple(ids.shape)}")
+    device = next(model.parameters()).device
+    total = 0.0
+    with eval_mode(model):
+        for i in range(segments):
+            x = ids[i * length : (i + 1) * length].to(device)[None]
+            total += float(model(x, labels=x, use_cache=False).loss) * (length - 1)
+    return math.exp(total / (segments * (length - 1)))
+
+
+@torch.no_grad()
 def generate(
     model: CharLM, prompt: Tensor, n: int, temperature: float = 0.8, seed: int = 0
 ) -> Tensor:

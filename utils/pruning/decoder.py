@@ -85,22 +85,57 @@ class _Caught(Exception):
 
 
 def call_model(model: nn.Module, batch: Tensor) -> None:
-    """``model(batch)``, with ``use_cache=False`` where the model takes it (no key/value cache)."""
+    """``model(batch)`` with ``use_cache=False`` where the model may take it (a ``use_cache``
+    parameter, or ``**kwargs`` and a config that has one): no key/value cache is built."""
     params = inspect.signature(model.forward).parameters
-    model(batch, use_cache=False) if "use_cache" in params else model(batch)
+    takes = "use_cache" in params or (
+        any(p.kind is p.VAR_KEYWORD for p in params.values())
+        and hasattr(getattr(model, "config", None), "use_cache")
+    )
+    model(batch, use_cache=False) if takes else model(batch)
+
+
+def _is_cache(value: object) -> bool:
+    return hasattr(value, "get_seq_length")  # a transformers Cache, whatever its class
 
 
 def _split(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict]:
+    """(hidden states, other arguments, keyword arguments), any key/value cache taken out."""
+    args, kwargs = tuple(None if _is_cache(v) else v for v in args), dict(kwargs)
+    for k, v in kwargs.items():
+        kwargs[k] = None if _is_cache(v) else v
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
     if args:
-        return args[0], args[1:], dict(kwargs)
+        return args[0], args[1:], kwargs
     if "hidden_states" in kwargs:
-        rest = dict(kwargs)
-        return rest.pop("hidden_states"), (), rest
+        return kwargs.pop("hidden_states"), (), kwargs
     raise ValueError("the first block was called without hidden states as its first argument")
 
 
 def _hidden_of(out) -> Tensor:
     return out if isinstance(out, Tensor) else out[0]
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal arguments: the same object, equal tensors, or containers of equal items."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # an object without a usable ==
+        return False
 
 
 @torch.no_grad()
@@ -109,8 +144,11 @@ def catch_inputs(
 ) -> list[BlockInput]:
     """The first block's inputs for each batch of ``calibration``; the model stops there.
 
-    On the first batch the whole model runs once, to check that each block's input is the
-    previous block's output (a model whose blocks are not chained that way is refused).
+    First the model runs on one calibration row up to its last block, to check that each block
+    receives the previous block's output and the same other arguments as the first block
+    (attention mask, position ids or embeddings): a model whose blocks differ there (for
+    example alternating sliding-window layers, which get their own mask) is refused, since the
+    blocks are then run one at a time on the first block's arguments.
     """
     caught: list[BlockInput] = []
     device = next(model.parameters()).device
@@ -120,7 +158,7 @@ def catch_inputs(
         raise _Caught
 
     with eval_mode(model):
-        _check_chain(model, blocks, calibration[:batch_size].to(device))
+        _check_chain(model, blocks, calibration[:1].to(device))
         handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
         try:
             for i in range(0, len(calibration), batch_size):
@@ -136,39 +174,59 @@ def catch_inputs(
 
 
 def _check_chain(model: nn.Module, blocks: nn.ModuleList, batch: Tensor) -> None:
-    seen_in, seen_out, handles = {}, {}, []
+    """Run ``batch`` through the blocks (not past the last one), checking as it goes."""
+    state: dict = {"next": 0, "first": None, "out": None}
 
     def see_in(i: int):
         def hook(mod, args, kwargs) -> None:
-            seen_in.setdefault(i, _split(args, kwargs)[0])
+            hidden, rest, named = _split(args, kwargs)
+            if i != state["next"]:
+                raise ValueError(
+                    f"block {i} ran when block {state['next']} was expected: the blocks do not "
+                    "run in order once each; pass blocks= the decoder's block stack"
+                )
+            if i == 0:
+                state["first"] = (rest, named)
+            elif not _same(hidden, state["out"]):
+                raise ValueError(
+                    f"block {i} does not receive block {i - 1}'s output as its hidden states, "
+                    "so they cannot be run one after the other; pass blocks= the decoder's "
+                    "block stack"
+                )
+            elif not _same((rest, named), state["first"]):
+                raise ValueError(
+                    f"block {i} receives other arguments than block 0 (for example its own "
+                    "attention mask or position embeddings, as layers of alternating types "
+                    "do): pruning block by block on block 0's arguments is not supported here"
+                )
+            state["next"] = i + 1
+            if i == len(blocks) - 1:
+                raise _Caught  # all checked: the last block and the head need not run
 
         return hook
 
     def see_out(i: int):
         def hook(mod, args, out) -> None:
-            seen_out.setdefault(i, _hidden_of(out))
+            state["out"] = _hidden_of(out)
 
         return hook
 
+    handles = []
     for i, b in enumerate(blocks):
         handles.append(b.register_forward_pre_hook(see_in(i), with_kwargs=True))
         handles.append(b.register_forward_hook(see_out(i)))
     try:
         call_model(model, batch)
+    except _Caught:
+        pass
     finally:
         for h in handles:
             h.remove()
-    if len(seen_in) != len(blocks) or len(seen_out) != len(blocks):
+    if state["next"] != len(blocks):
         raise ValueError(
-            f"only {len(seen_in)} of the {len(blocks)} blocks ran in the model's forward pass; "
-            "pass blocks= the ModuleList of decoder blocks the model runs in order"
+            f"only {state['next']} of the {len(blocks)} blocks ran in the model's forward "
+            "pass; pass blocks= the ModuleList of decoder blocks the model runs in order"
         )
-    for i in range(len(blocks) - 1):
-        if seen_in[i + 1] is not seen_out[i] and not torch.equal(seen_in[i + 1], seen_out[i]):
-            raise ValueError(
-                f"block {i + 1} does not receive block {i}'s output as its hidden states, so "
-                "they cannot be run one after the other; pass blocks= the decoder's block stack"
-            )
 
 
 @torch.no_grad()

@@ -5,8 +5,10 @@ attention, ``mlp.{gate,up,down}_proj``), the model is **physically shrunk**: a S
 row of ``gate_proj`` and ``up_proj`` and a column of ``down_proj``; a key/value group is one
 key/value head with the query heads that read it (rows of ``q_proj``, ``k_proj``, ``v_proj``,
 columns of ``o_proj``), so the ratio of query to key/value heads stays what the attention code
-expects. Depth pruning drops whole blocks, ranked by how little each one changes its input
-(the angular distance of Gromov et al. 2024; ShortGPT's block influence ranks the same way).
+expects. Depth pruning drops whole blocks, ranked by how little each one changes its input:
+the angular distance of Gromov et al. (ICLR 2025) for one block (their ``n = 1``, averaged over
+every token where they use the last; they remove the contiguous run of ``n`` blocks whose ends
+are closest, and heal with fine-tuning). ShortGPT's block influence ranks similarly.
 Other structures are refused with a clear error; nothing is changed before every check passed.
 """
 
@@ -33,11 +35,20 @@ def _parts(block: nn.Module, index: int) -> tuple[nn.Module, nn.Module]:
         and isinstance(getattr(attn, "head_dim", None), int)
         and isinstance(getattr(attn, "num_key_value_groups", None), int)
     )
+    if ok:  # the shapes must say the same: g key/value heads, per query heads each, head_dim d
+        d, per = attn.head_dim, attn.num_key_value_groups
+        g = attn.k_proj.out_features // d if d > 0 else 0
+        ok = (
+            g > 0
+            and attn.k_proj.out_features == attn.v_proj.out_features == g * d
+            and attn.q_proj.out_features == attn.o_proj.in_features == g * per * d
+            and mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features
+        )
     if not ok:
         raise ValueError(
             f"block {index} ({type(block).__name__}) is not a Llama-style block "
-            "(self_attn.q/k/v/o_proj with head_dim and num_key_value_groups, "
-            "mlp.gate/up/down_proj): structured pruning of it is not supported"
+            "(self_attn.q/k/v/o_proj with head_dim and num_key_value_groups and shapes to "
+            "match, mlp.gate/up/down_proj): structured pruning of it is not supported"
         )
     return attn, mlp
 
@@ -106,6 +117,7 @@ def _shrunk(layer: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = 
     w = w[:, cols] if cols is not None else w
     bias = layer.bias is not None
     new = nn.Linear(w.shape[1], w.shape[0], bias=bias, device=w.device, dtype=w.dtype)
+    new.requires_grad_(layer.weight.requires_grad)
     with torch.no_grad():
         new.weight.copy_(w)
         if bias:
@@ -121,7 +133,13 @@ def prune_units(
     blocks=None,
 ) -> dict[str, list[Tensor]]:
     """Remove the lowest-scored share of each block's SwiGLU neurons and key/value groups (at
-    least one of each stays); the model is shrunk in place. Returns the kept indices."""
+    least one of each stays); the model is shrunk in place. Returns the kept indices.
+
+    The config is not changed (``intermediate_size`` and the head counts no longer hold for
+    every block, and may differ between blocks): save the shrunk model with ``torch.save``, not
+    ``save_pretrained``; a cache that preallocates from the config (a static cache) will not fit.
+    The new layers are plain Linears: hooks or parametrizations on the old ones are not kept.
+    """
     for label, r in (("neuron_ratio", neuron_ratio), ("group_ratio", group_ratio)):
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise ValueError(f"{label} must be a number in [0, 1), got {r!r}")
@@ -180,9 +198,12 @@ def drop_blocks(model: nn.Module, indices, blocks=None) -> None:
     kept by the blocks and the config (``layer_idx``, ``num_hidden_layers``, ``layer_types``)
     follow."""
     name, stack = _stack(model, blocks)
-    drop = sorted(set(indices)) if not isinstance(indices, int) else [indices]
-    if not all(isinstance(i, int) and 0 <= i < len(stack) for i in drop):
+    flat = torch.as_tensor(indices).flatten().tolist() if not isinstance(indices, bool) else [True]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in flat) or not all(
+        0 <= i < len(stack) for i in flat
+    ):
         raise ValueError(f"indices must be block numbers in [0, {len(stack)}), got {indices!r}")
+    drop = sorted(set(flat))
     if len(drop) >= len(stack):
         raise ValueError("drop_blocks would remove every block; keep at least one")
     keep = [i for i in range(len(stack)) if i not in drop]

@@ -4,8 +4,9 @@ Unstructured and N:M pruning compare weights within a group: one output row (``s
 every ``m`` consecutive inputs of a row (``nm=(n, m)``: keep ``n`` of ``m``). Counts are exact
 per group, ties go to the earliest input, and masks are installed as parametrizations
 (:mod:`utils.pruning.masks`), so fine-tuning cannot revive a pruned weight. Every public function
-checks its arguments and computes everything on a copy first: a bad call raises and leaves
-the model unchanged.
+checks its arguments, and the model's structure, before it changes anything: a bad call raises
+and leaves the model unchanged. The calibrated criteria then prune block by block in place; an
+error part-way (a Hessian that damping cannot save, memory) says which blocks were pruned.
 """
 
 from __future__ import annotations
@@ -210,21 +211,24 @@ def sparsegpt_layer(
     keep = keep.to(w.device).clone() if fixed else torch.ones_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        d, err = h1.diagonal(), torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        d = h1.diagonal()
         if nm is None and not fixed:
             k = round(sparsity * i2) - round(sparsity * i1)
-            keep[:, i1:i2] = _prune_per_row(w1**2 / d**2, k)
+            keep[:, i1:i2] = _prune_per_row(w[:, i1:i2] ** 2 / d**2, k)
+        # the block transposed: column i of the weights is row i here, contiguous in memory
+        w1, err = w[:, i1:i2].T.contiguous(), torch.empty(i2 - i1, rows, device=w.device)
+        drop = (~keep[:, i1:i2]).T.contiguous()
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
-                keep[:, i1 + i : i1 + i + nm[1]] = nm_mask(w1[:, g] ** 2 / d[g] ** 2, *nm)
-            q = w1[:, i] * keep[:, i1 + i]
-            err[:, i] = (w1[:, i] - q) / d[i]
-            w1[:, i:] -= err[:, i : i + 1] * h1[i : i + 1, i:]
-            w1[:, i] = q
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+                kept = nm_mask((w1[g] ** 2 / d[g, None] ** 2).T, *nm)
+                keep[:, i1 + i : i1 + i + nm[1]] = kept
+                drop[g] = ~kept.T
+            err[i] = w1[i] * drop[i] / d[i]  # what pruning column i removes, scaled
+            w1[i:].addr_(h1[i, i:], err[i], alpha=-1)  # spread over the columns to its right
+        w[:, i1:i2] = (w1 * ~drop).T
+        w[:, i2:].addmm_(err.T, hinv[i1:i2, i2:], alpha=-1)
     return (w * keep).to(weight.dtype), keep
 
 
@@ -294,6 +298,20 @@ def _select(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
     return {n: modules[n] for n in dict.fromkeys(names)}
 
 
+def _refuse_uncovered(stack: nn.Module) -> None:
+    """Refuse a block whose matrix weights lie mostly outside Linear layers (a mixture of experts
+    holds its experts as 3-D tensors): pruning only its Linears would prune a small part."""
+    inside = {id(p) for m in stack.modules() if is_linear(m) for p in m.parameters()}
+    matrices = [p for p in stack.parameters() if p.dim() >= 2]
+    outside = sum(p.numel() for p in matrices if id(p) not in inside)
+    if outside > 0.5 * sum(p.numel() for p in matrices):
+        raise ValueError(
+            f"{outside:,} of the blocks' matrix weights are not in Linear layers (for example "
+            "fused mixture-of-experts tensors), which prune_llm does not prune; pass layers= "
+            "to prune only the Linear layers anyway"
+        )
+
+
 def _validate(
     model: nn.Module,
     sparsity: object,
@@ -317,6 +335,8 @@ def _validate(
             raise ValueError("sparsity is a dict of per-layer sparsities: leave layers=None")
         layers = list(sparsity)
     stack = _blocks_or_none(model, blocks)
+    if layers is None and stack is not None:
+        _refuse_uncovered(model.get_submodule(stack))
     selected = _select(model, default_layers(model, blocks) if layers is None else layers)
     refuse_unmaskable((n, m, "weight") for n, m in selected.items())
     if len(weight_tensors(model, selected)) < len(selected):  # also refuses sharing outside
@@ -454,6 +474,7 @@ def prune_llm(
     for n in plan:
         by_block.setdefault(_block_of(n, stack), []).append(n)
     inputs = catch_inputs(model, stack_list, calibration, batch_size)
+    done_blocks = 0
     for i in range(max(by_block) + 1):
         block = stack_list[i]
         home = next(block.parameters()).device
@@ -472,13 +493,17 @@ def prune_llm(
                 del stats
                 for n, (new, keep) in done.items():  # the block is changed only now
                     _apply(modules[n], new, keep, install_masks)
-                    results[n] = keep if install_masks else None
+                    results[n] = keep.to(home) if install_masks else None
+                done_blocks = i + 1
                 del done
             if i < max(by_block):
                 inputs = run_block(block, inputs)
         except Exception as error:
-            if results:  # say what was done: the blocks before this one are pruned
-                error.add_note(f"prune_llm: blocks 0-{i - 1} of {stack!r} were pruned already")
+            if done_blocks:  # say what was done: the blocks before this one are pruned
+                error.add_note(
+                    f"prune_llm: the first {done_blocks} blocks of {stack!r} were pruned "
+                    "already (the last of them perhaps in part)"
+                )
             raise
         finally:
             if run_on != home:
