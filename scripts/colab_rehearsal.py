@@ -49,6 +49,7 @@ COLAB_PREINSTALLED = [
     "psutil",
     "tqdm",
     "ipykernel",
+    "transformers",  # chapter 9's section on real models (Colab preinstalls it)
 ]
 EXECUTORS = ["nbclient", "nbformat", "pytest", "nbval"]
 CACHE = Path(

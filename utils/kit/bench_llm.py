@@ -103,7 +103,10 @@ def bench_sparsegpt_layer(
 
 def llama_1b(hidden: int = 2048, blocks: int = 16, mlp: int = 8192, vocab: int = 32000):
     """A randomly initialized ``LlamaForCausalLM`` of about a billion parameters (float32)."""
-    import transformers
+    try:
+        import transformers
+    except ImportError as error:
+        raise RuntimeError("(g) needs transformers: pip install transformers") from error
 
     config = transformers.LlamaConfig(
         vocab_size=vocab,
