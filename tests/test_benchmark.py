@@ -4,6 +4,7 @@ import json
 import time
 
 import numpy as np
+import torch
 
 from utils.kit.benchmark import main, peak_extra_rss
 
@@ -84,6 +85,7 @@ def test_llm_benchmark_quick_mode(tmp_path):
     block_linears = 2 * (4 * 128 * 128 + 3 * 128 * 256)
     assert small["zeros in the blocks"] == block_linears // 2  # exactly half of each row
     assert small["peak / model bytes"] >= 1 and small["calibration tokens"] == 16
+    assert torch.is_grad_enabled()  # the benchmark leaves autograd as it found it
 
     class Fake:  # the reference's interface: a layer, .H and .nsamples, fasterprune(**kw)
         def __init__(self, layer):

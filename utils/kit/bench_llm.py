@@ -123,7 +123,11 @@ def llama_1b(hidden: int = 2048, blocks: int = 16, mlp: int = 8192, vocab: int =
 
 def bench_llm_1b(criterion: str, samples: int = 4, length: int = 512, **shape) -> dict:
     """(g), in this process: prune the model to 50 % (zeros in place), time and peak memory."""
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # building and pruning need no autograd (and it is not left off)
+        return _llm_1b(criterion, samples, length, shape)
+
+
+def _llm_1b(criterion: str, samples: int, length: int, shape: dict) -> dict:
     model = llama_1b(**shape)
     params = sum(p.numel() for p in model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
