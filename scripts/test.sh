@@ -85,12 +85,12 @@ strict_build() {
 
 stage "1. fast lane (clean copy)" fast-lane.log fast_lane_in_a_clean_copy
 stage "2. grader end to end (-m heavy)" heavy.log python -m pytest -m heavy -q tests/
-# A chapter should take at most 3 minutes (named in the summary when over); it fails over the
-# budget. The budget stays above the target while some chapters take close to 3 minutes on this
-# project's slower machines, whose speed varies by half from hour to hour (see the README).
+# A chapter over 3 minutes fails, named in the summary (a reader's busy laptop or a Colab CPU must
+# fit it). PRUNING_BOOK_CHAPTER_BUDGET (seconds) raises the limit: .ci/run sets 6 minutes, since
+# this project's CI machines differ in speed by up to three times.
 stage "3. Colab rehearsal + nbval (per chapter)" rehearsal.log \
-  python scripts/colab_rehearsal.py --executor nbval --target 180 \
-    --budget "${PRUNING_BOOK_CHAPTER_BUDGET:-360}" --times "$logs/chapters.txt" chapters/*.ipynb
+  python scripts/colab_rehearsal.py --executor nbval --target 120 \
+    --budget "${PRUNING_BOOK_CHAPTER_BUDGET:-180}" --times "$logs/chapters.txt" chapters/*.ipynb
 stage "4. strict book build" build.log strict_build
 # The browser test of the site just built (headless Chromium, installed above): pages, links,
 # solutions, launch buttons, search, phone width; screenshots in _build/screenshots/.
