@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import importlib
 import io
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from utils.kit.benchmark import _fresh_process, machine, peak_extra_rss
+from utils.kit.benchmark import _fresh_process, machine, peak_extra_rss, save_results
 from utils.pruning.llm import InputStats, prune_llm, sparsegpt_layer
 
 
@@ -179,10 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("(g) a Llama-shaped model pruned to 50 %, each criterion in a fresh process")
         for row in results["llm_1b"]:
             print("   ", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+    return save_results(results, args.json)
 
 
 if __name__ == "__main__":

@@ -619,8 +619,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"print(json.dumps(b({layers}, {width}, repeats={1 if q else 3})))"
         )
         print_large_inplace(results["large_inplace"])
-    if args.json:
-        with open(args.json, "w") as f:
+    return save_results(results, args.json)
+
+
+def save_results(results: dict, path: str | None) -> dict:
+    """Write ``results`` as JSON to ``path`` when one is given; return them."""
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=2)
     return results
 

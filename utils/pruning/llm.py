@@ -30,6 +30,7 @@ from utils.pruning.decoder import (
 from utils.pruning.magnitude import (
     check_share,
     refuse_unmaskable,
+    select_layers,
     semi_structured_mask,
     weight_tensors,
 )
@@ -285,28 +286,14 @@ def _block_of(name: str, stack: str) -> int | None:
 
 
 def _select(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    modules = dict(model.named_modules())
-    linears = [n for n, m in modules.items() if is_linear(m)]
-    names = [names] if isinstance(names, str) else list(names)
-    if not names:
-        raise ValueError("layers is empty: name at least one Linear layer")
-    for n in names:
-        if not isinstance(n, str):
-            raise TypeError(f"layers must be module names (str), got {type(n).__name__} {n!r}")
-        if n not in modules:
-            raise ValueError(f"unknown layer {n!r}; Linear layers are {linears}")
-        if not is_linear(modules[n]):
-            raise ValueError(
-                f"layer {n!r} is a {masks.base_class(modules[n]).__name__}; "
-                "only Linear layers are pruned"
-            )
-    for owner_name, owner in modules.items():  # it computes with out_proj.weight directly
-        if isinstance(owner, nn.MultiheadAttention) and f"{owner_name}.out_proj" in names:
+    selected = select_layers(model, names, accept=is_linear, kind="Linear")
+    for owner_name, owner in model.named_modules():  # it computes with out_proj.weight directly
+        if isinstance(owner, nn.MultiheadAttention) and f"{owner_name}.out_proj" in selected:
             raise ValueError(
                 f"{owner_name}.out_proj belongs to an nn.MultiheadAttention, which never calls "
                 "it (it reads the weight itself), so its inputs cannot be seen: leave it out"
             )
-    return {n: modules[n] for n in dict.fromkeys(names)}
+    return selected
 
 
 def _refuse_uncovered(stack: nn.Module) -> None:

@@ -14,7 +14,7 @@ import copy
 import math
 import numbers
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -61,15 +61,22 @@ def _check_scope(scope: str) -> str:
 
 
 def select_layers(
-    model: nn.Module, layers: Iterable[str] | str | None = None
+    model: nn.Module,
+    layers: Iterable[str] | str | None = None,
+    accept: Callable[[nn.Module], bool] | None = None,
+    kind: str = "Linear or convolution",
 ) -> dict[str, nn.Module]:
-    """The Linear and convolution modules to prune, by name: all, or the named ones (checked)."""
+    """The Linear and convolution modules to prune, by name: all, or the named ones (checked).
+
+    ``accept`` (with ``kind``, its name in messages) selects another set of layer types, for
+    example the Linear layers of LLM pruning, GPT-2's ``Conv1D`` included."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    accept = accept or (lambda m: isinstance(m, LAYERS))
     modules = dict(model.named_modules())
-    prunable = [n for n, m in modules.items() if isinstance(m, LAYERS)]
+    prunable = [n for n, m in modules.items() if accept(m)]
     if not prunable:
-        raise ValueError("the model has no Linear or convolution layer to prune")
+        raise ValueError(f"the model has no {kind} layer to prune")
     if layers is None:
         return {n: modules[n] for n in prunable}
     names = [layers] if isinstance(layers, str) else list(layers)
@@ -78,14 +85,13 @@ def select_layers(
             raise TypeError(f"layers must be module names (str), got {type(n).__name__} {n!r}")
         if n not in modules:
             raise ValueError(f"unknown layer {n!r}; prunable layers are {prunable}")
-        if not isinstance(modules[n], LAYERS):
+        if not accept(modules[n]):
             raise ValueError(
                 f"layer {n!r} is a {masks.base_class(modules[n]).__name__}; "
-                "only Linear and convolution "
-                "layers are pruned"
+                f"only {kind.replace(' or ', ' and ')} layers are pruned"
             )
     if not names:
-        raise ValueError("layers is empty: name at least one Linear or convolution layer")
+        raise ValueError(f"layers is empty: name at least one {kind} layer")
     return {n: modules[n] for n in dict.fromkeys(names)}
 
 
