@@ -103,34 +103,23 @@ class InputStats:
         return diagonal.clamp_min(0).sqrt()
 
 
-class _Enough(Exception):
-    """Raised inside a forward pass once every layer of interest has seen its input."""
-
-
 @torch.no_grad()
 def capture_inputs(
     model: nn.Module,
     layers: dict[str, nn.Module],
     calibration: Tensor,
     batch_size: int = 16,
-    stop_early: bool = False,
     full: bool = True,
 ) -> dict[str, InputStats]:
-    """Run ``model`` on ``calibration`` (rows = samples); collect each layer's input statistics.
-
-    With ``stop_early`` each forward pass is cut short once every layer has run (right for
-    layers that run once per pass, such as the Linears of one transformer block); ``full=False``
-    keeps only the diagonal of ``X^T X`` (:class:`InputStats`).
-    """
-    stats, handles, seen = {}, [], set()
+    """Run the whole ``model`` on ``calibration`` (rows = samples); collect each layer's input
+    statistics (``full=False``: only the diagonal of ``X^T X``, :class:`InputStats`). For
+    pruning block by block, :func:`prune_llm` runs one block at a time instead."""
+    stats, handles = {}, []
     device = next(model.parameters()).device
 
     def record(name: str):
         def hook(mod: nn.Module, inp: tuple, out: Tensor) -> None:
             stats[name].add(inp[0])
-            seen.add(name)
-            if stop_early and len(seen) == len(layers):
-                raise _Enough
 
         return hook
 
@@ -140,11 +129,7 @@ def capture_inputs(
     try:
         with eval_mode(model):
             for i in range(0, len(calibration), batch_size):
-                seen.clear()
-                try:
-                    call_model(model, calibration[i : i + batch_size].to(device))
-                except _Enough:
-                    pass
+                call_model(model, calibration[i : i + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()
