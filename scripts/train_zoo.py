@@ -25,7 +25,7 @@ from utils.lab.training import evaluate
 def image_members(name: str, loaders) -> dict:
     train, val, test = loaders
     rows = {}
-    for seed in zoo.SEEDS:
+    for seed in zoo.MEMBER_SEEDS[name]:
         model, log = zoo.train_member(name, seed, train, val, progress=False)
         file = zoo.path(name, seed, "subset")
         zoo.save(model, file)

@@ -151,6 +151,54 @@ def wrong_cheap_train(model, loader, ratio):  # prunes but never fine-tunes
     return model
 
 
+def distillation_loss(s, t, y, temperature, alpha):
+    soft = torch.nn.functional.kl_div(
+        torch.log_softmax(s / temperature, 1),
+        torch.softmax(t / temperature, 1),
+        reduction="batchmean",
+    )
+    return alpha * temperature**2 * soft + (1 - alpha) * torch.nn.functional.cross_entropy(s, y)
+
+
+def _folded(conv, bn, eps, into=None):
+    fused = into if into is not None else copy.deepcopy(conv)
+    scale = bn.weight / torch.sqrt(bn.running_var + eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    with torch.no_grad():
+        new_bias = (bias - bn.running_mean) * scale + bn.bias
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        fused.bias = torch.nn.Parameter(new_bias)
+    return fused
+
+
+def fold_batchnorm(conv, bn):
+    return _folded(conv, bn, bn.eps)
+
+
+def fold_batchnorm_without_eps(conv, bn):
+    return _folded(conv, bn, 0.0)
+
+
+def fold_batchnorm_in_place(conv, bn):
+    return _folded(conv, bn, bn.eps, into=conv)
+
+
+def prune_resnet(model, example, ratio, round_to, keep_first=False):
+    import torch_pruning as tp
+
+    kept = [model.fc] + ([model.conv1, *model.layer1.modules()] if keep_first else [])
+    kept = [m for m in kept if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=kept,
+        round_to=round_to,
+    ).step()
+    return model
+
+
 CASES = {  # check: (right answer, [wrong answers])
     "check_count_weights": (
         n_weights,
@@ -321,6 +369,35 @@ CASES = {  # check: (right answer, [wrong answers])
     "check_compression_budget": (
         compression_budget,
         [lambda m, loader: (m, 8), lambda m, loader: (prune_finetune(m, loader, 0.8), 16)],
+    ),
+    "check_distillation_loss": (
+        distillation_loss,
+        [
+            lambda s, t, y, T, a: distillation_loss(s, t, y, T, a) / (T * T),  # no T**2 factor
+            lambda s, t, y, T, a: (
+                torch.nn.functional.kl_div(  # no label term
+                    torch.log_softmax(s / T, 1), torch.softmax(t / T, 1), reduction="batchmean"
+                )
+                * T
+                * T
+            ),
+        ],
+    ),
+    "check_fold_batchnorm": (
+        fold_batchnorm,
+        [
+            lambda conv, bn: conv,  # BatchNorm ignored
+            fold_batchnorm_without_eps,
+            fold_batchnorm_in_place,
+        ],
+    ),
+    "check_prune_for_runtime": (
+        lambda m, e: prune_resnet(m, e, 0.5, 16),
+        [
+            lambda m, e: prune_resnet(m, e, 0.25, 8),  # widths 24, 48, 96: not multiples of 16
+            lambda m, e: prune_resnet(m, e, 0.3, 16, keep_first=True),  # too many MACs left
+            lambda m, e: m,
+        ],
     ),
 }
 

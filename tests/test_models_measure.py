@@ -83,3 +83,23 @@ def test_median_times_runs_every_candidate_interleaved():
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1
     )
     assert set(t) == {"a", "b"} and calls == ["a", "b"] + ["a", "b"] * 3
+
+
+def test_resnet20_has_the_cifar_layout_and_ties_channels_through_its_skips():
+    import pytest
+
+    from utils.lab.models import ResNet
+    from utils.pruning import prune_structured
+    from utils.pruning.surgery import UnsupportedGraphError, shrink
+
+    model = ResNet().eval()  # ResNet-20 at the CIFAR widths (16, 32, 64): 0.27 M parameters
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 18 + 2 and count_params(model) == 272_186
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    assert ResNet(blocks=2, widths=(8, 8, 8), num_classes=3)(torch.zeros(1, 1, 32, 32)).shape == (
+        1,
+        3,
+    )
+    prune_structured(model, 0.5)
+    with pytest.raises(UnsupportedGraphError, match="addition"):
+        shrink(model)  # the skip connections: chapter 5.2 uses Torch-Pruning instead

@@ -24,12 +24,14 @@ def loaders():
 @pytest.mark.parametrize("name", list(zoo.MODELS))
 def test_every_shipped_classifier_loads_with_its_recorded_accuracy(name, loaders):
     _, val, test = loaders
-    assert set(RECORDS[name]["seeds"]) == {str(s) for s in zoo.SEEDS}
+    assert set(RECORDS[name]["seeds"]) == {str(s) for s in zoo.MEMBER_SEEDS[name]}
     for seed, row in RECORDS[name]["seeds"].items():
         model = zoo.load(name, int(seed), source="subset", train=False)
         assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
         assert evaluate(model, test) == row["test"] and evaluate(model, val) == row["val"]
-        assert row["val"] == max(row["val_curve"])  # the best validation epoch was kept
+        curve = row["val_curve"]  # the best validation epoch was kept (its float32 accuracy; the
+        assert row["best_epoch"] == curve.index(max(curve)) + 1  # float16 copy may differ a bit)
+        assert abs(row["val"] - max(curve)) <= 0.005
         assert row["test"] > (0.96 if name == "lenet5-half" else 0.97)  # trained, not near init
 
 
@@ -58,8 +60,8 @@ def test_every_member_is_committed_so_that_a_clone_ships_it():
     ).stdout.split()
     wanted = [
         zoo.path(n, s, "subset").relative_to(ROOT).as_posix()
-        for n in ("lenet5", "lenet300100")
-        for s in zoo.SEEDS
+        for n in zoo.MODELS
+        for s in zoo.MEMBER_SEEDS[n]
     ]
     wanted += [zoo.path("charlm", s, "text").relative_to(ROOT).as_posix() for s in zoo.LM_SEEDS]
     assert set(wanted) <= set(tracked), sorted(set(wanted) - set(tracked))

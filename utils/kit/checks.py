@@ -1301,3 +1301,138 @@ def check_compression_budget(fn: Callable[[nn.Module, Any], tuple[nn.Module, int
     return run_check(
         "20x smaller: pruning and quantization", fn, [("toy MLP", (model, loader), judge)]
     )
+
+
+def check_distillation_loss(fn: Callable[[Tensor, Tensor, Tensor, float, float], Any]) -> Verdict:
+    """``fn(student, teacher, labels, temperature, alpha) -> loss`` (a scalar tensor or number):
+    Hinton et al.'s distillation loss, ``alpha * T**2 * KL(p_teacher || p_student)`` on the
+    softened distributions (batch mean) plus ``(1 - alpha)`` times cross-entropy with the labels."""
+    from utils.lab import training
+
+    g = torch.Generator().manual_seed(7)
+    s, t = torch.randn(8, 10, generator=g) * 3, torch.randn(8, 10, generator=g) * 3
+    y = torch.randint(0, 10, (8,), generator=g)
+    settings = [
+        ("T=4, alpha=0.9", s, t, 4.0, 0.9),
+        ("T=1, alpha=0.5", s, t, 1.0, 0.5),
+        ("alpha=0: cross-entropy only", s, t, 2.0, 0.0),
+        ("alpha=1: the teacher only", s, t, 8.0, 1.0),
+        ("student equals teacher", t, t, 4.0, 1.0),
+    ]
+
+    def number(args: tuple) -> Any:
+        out = fn(*args)
+        if isinstance(out, Tensor) and out.numel() == 1:
+            return float(out.detach())
+        return out
+
+    cases = [
+        (
+            label,
+            (a.clone(), b.clone(), y.clone(), temp, alpha),
+            float(training.distillation_loss(a, b, y, temp, alpha)),
+        )
+        for label, a, b, temp, alpha in settings
+    ]
+    return run_check(
+        "distillation loss",
+        lambda *args: number(args),
+        cases,
+        atol=1e-5,
+        forbid=(training.distillation_loss,),
+    )
+
+
+def check_fold_batchnorm(fn: Callable[[nn.Conv2d, nn.BatchNorm2d], nn.Conv2d]) -> Verdict:
+    """``fn(conv, bn) -> conv2``: one Conv2d (same shape and hyper-parameters) whose output equals
+    ``bn(conv(x))`` in eval mode, with or without a bias in ``conv``; ``conv`` and ``bn`` unchanged."""
+    from torch.nn.utils import fusion
+
+    from utils.lab import deploy
+
+    def pair(seed: int, bias: bool, groups: int, stride: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        torch.manual_seed(seed)
+        conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1, bias=bias, groups=groups).eval()
+        bn = nn.BatchNorm2d(6).eval()
+        with torch.no_grad():  # statistics and scales that a trained network has
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 3)
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+        return conv, bn
+
+    def case(seed: int, bias: bool, groups: int, stride: int) -> tuple:
+        conv, bn = pair(seed, bias, groups, stride)
+        x = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            want = bn(conv(x))
+        before = [t.clone() for t in (*conv.state_dict().values(), *bn.state_dict().values())]
+
+        def judge(got: Any) -> str | None:
+            if not isinstance(got, nn.Conv2d):
+                return f"expected an nn.Conv2d, got {_describe(got)}"
+            after = [*conv.state_dict().values(), *bn.state_dict().values()]
+            if any(not torch.equal(a, b) for a, b in zip(before, after)):
+                return "conv or bn was changed: build a new Conv2d (or a copy)"
+            if got.bias is None:
+                return "the folded convolution needs a bias (beta - gamma * mean / sigma)"
+            with torch.no_grad():
+                out = got.eval()(x)
+            if out.shape != want.shape:
+                return f"output shape {tuple(out.shape)}, expected {tuple(want.shape)}"
+            worst = float((out - want).abs().max())
+            return (
+                None
+                if worst <= 1e-5
+                else f"outputs differ from bn(conv(x)) by up to {worst:.2g} (tolerance 1e-5)"
+            )
+
+        return (f"bias={bias}, groups={groups}, stride={stride}", (conv, bn), judge)
+
+    cases = [case(0, True, 1, 1), case(1, False, 1, 2), case(2, True, 2, 1)]
+    return run_check(
+        "BatchNorm folded into the convolution",
+        fn,
+        cases,
+        forbid=(fusion.fuse_conv_bn_eval, fusion.fuse_conv_bn_weights, deploy.fold_batchnorm),
+    )
+
+
+def check_prune_for_runtime(fn: Callable[[nn.Module, Tensor], nn.Module]) -> Verdict:
+    """Design: ``fn(resnet20, example) -> model`` pruned with Torch-Pruning (or by hand) so that it
+    does between 20 % and 50 % of the dense MACs on ``example`` (1x1x32x32), every convolution keeps
+    a multiple of 16 output channels (the float32 SIMD width of AVX-512), none is removed, and it
+    still outputs 10 logits per image."""
+    from utils.lab import zoo
+
+    def case(seed: int) -> tuple:
+        model = zoo.fresh("resnet20", seed).eval()
+        example = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+        dense = measure.count_flops(model, example)
+        convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+        def judge(got: Any) -> str | None:
+            if not isinstance(got, nn.Module):
+                return f"expected the pruned model, got {_describe(got)}"
+            layers = [m for m in got.modules() if isinstance(m, nn.Conv2d)]
+            if len(layers) != convs:
+                return f"{len(layers)} convolutions, expected all {convs} kept"
+            odd = sorted({m.out_channels for m in layers if m.out_channels % 16})
+            if odd:
+                return f"convolutions with {odd} output channels: not multiples of 16"
+            with torch.no_grad():
+                got.eval()
+                try:
+                    out = got(torch.randn(3, 1, 32, 32))
+                except Exception as e:
+                    return f"the pruned model fails on a batch of 3: {type(e).__name__}: {e}"
+            if out.shape != (3, 10):
+                return f"output shape {tuple(out.shape)}, expected (3, 10)"
+            share = measure.count_flops(got, example) / dense
+            if not 0.2 <= share <= 0.5:
+                return f"it does {share:.0%} of the dense MACs; the budget is 20 % to 50 %"
+            return None
+
+        return (f"ResNet-20, seed {seed}", (model, example), judge)
+
+    return run_check("pruned for the runtime", fn, [case(0), case(1)])

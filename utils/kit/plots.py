@@ -134,3 +134,32 @@ def histogram(
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def pareto(
+    points: Mapping[str, tuple[float, float]],
+    front: Sequence[str],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+) -> Figure:
+    """Scatter of named ``(cost, quality)`` points on a log cost axis, the names of ``front``
+    (cheapest first) joined by a step line and labelled; the others grey and unlabelled."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.0))
+    others = [p for n, p in points.items() if n not in front]
+    if others:
+        ax.scatter(*zip(*others), color="0.7", label="dominated", zorder=2)
+    xs, ys = zip(*(points[n] for n in front)) if front else ((), ())
+    ax.step(xs, ys, where="post", color="C0", alpha=0.6, zorder=1)
+    ax.scatter(xs, ys, color="C0", label="Pareto front", zorder=3)
+    for n in front:
+        ax.annotate(n, points[n], textcoords="offset points", xytext=(5, -10), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -98,3 +98,61 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 Conv-BN layers and a skip connection (He et al. 2016); a 1x1 Conv-BN on the skip
+    where the block changes the width or the resolution."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet (He et al. 2016) for 1x32x32 digits: a 3x3 stem, three stages of
+    ``blocks`` basic blocks at 32, 16 and 8 pixels, global average pooling, one Linear.
+
+    ``blocks=3`` with ``widths=(16, 32, 64)`` is ResNet-20 (19 convolutions and the Linear).
+    The additions of the skip connections tie the channels of every block of a stage together,
+    which is why :func:`utils.pruning.shrink` refuses this network and chapter 5.2 prunes it with
+    Torch-Pruning's dependency graph.
+    """
+
+    def __init__(
+        self,
+        blocks: int = 3,
+        widths: tuple[int, int, int] = (16, 32, 64),
+        in_channels: int = 1,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages, c = [], widths[0]
+        for i, w in enumerate(widths):
+            layers = [
+                BasicBlock(c if j == 0 else w, w, 2 if i > 0 and j == 0 else 1)
+                for j in range(blocks)
+            ]
+            stages.append(nn.Sequential(*layers))
+            c = w
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, x)
+
 
 def set_seed(seed: int = 0) -> None:
     """Seed Python, NumPy and torch so that the same seed gives the same run."""
@@ -94,8 +96,9 @@ def train(
     progress: bool | None = None,
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
+    loss: Loss | None = None,
 ) -> list[float]:
-    """Train with cross-entropy; SGD with momentum unless an ``optimizer`` is given.
+    """Train with cross-entropy (or ``loss``); SGD with momentum unless an ``optimizer`` is given.
 
     The loop runs on the model's device, batches moved there (and cast to its floating dtype).
     ``device="cuda"`` runs it on that device instead and puts the model back where it was
@@ -104,7 +107,8 @@ def train(
     no gradient and stay zero whatever the optimizer does to the stored original
     (``utils.pruning.masks``).
     ``on_step(step)`` is called after every optimizer step (steps count from 1), for example to
-    prune gradually. Returns the mean loss of each epoch.
+    prune gradually. ``loss(logits, labels, inputs)`` replaces cross-entropy, for example
+    :class:`Distillation`. Returns the mean loss of each epoch.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
@@ -121,6 +125,7 @@ def train(
             progress,
             desc,
             on_step,
+            loss,
         )
 
 
@@ -136,13 +141,15 @@ def _train_loop(
     progress,
     desc,
     on_step,
+    loss,
 ) -> list[float]:
     model.train()
     dtype = _float_dtype(model)
     opt = optimizer or torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
-    loss_fn = nn.CrossEntropyLoss()
+    cross_entropy = nn.CrossEntropyLoss()
+    loss_fn = loss or (lambda logits, y, x: cross_entropy(logits, y))
     show = (not quiet()) if progress is None else progress
     history, step = [], 0
     for epoch in range(epochs):
@@ -151,13 +158,13 @@ def _train_loop(
         for x, y in bar:
             x, y = _to(x, device, dtype), y.to(device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x).float(), y)
-            loss.backward()
+            value = loss_fn(model(x).float(), y, x)
+            value.backward()
             opt.step()
             step += 1
             if on_step is not None:
                 on_step(step)
-            total += loss.item() * len(y)
+            total += value.item() * len(y)
             count += len(y)
             bar.set_postfix(loss=f"{total / count:.3f}")
         history.append(total / max(count, 1))
@@ -192,6 +199,7 @@ def fine_tune(
     seed: int = 0,
     weight_decay: float = 5e-4,
     device: torch.device | str | None = None,
+    loss: Loss | None = None,
 ) -> tuple[nn.Module, dict]:
     """Fine-tune a copy of ``model`` at each learning rate for up to ``epochs`` epochs and
     return the copy, and its record, with the best **validation** accuracy.
@@ -201,7 +209,8 @@ def fine_tune(
     rate. Each run starts from ``model`` and sees the training set in the same order, shuffled
     by ``seed`` in batches of ``train_loader``'s size (whatever that loader's own shuffling has
     done before), so the choice does not depend on what ran earlier. Masks of
-    :mod:`utils.pruning` stay in force, and ``model`` itself is left as it was.
+    :mod:`utils.pruning` stay in force, and ``model`` itself is left as it was. ``loss`` as
+    for :func:`train` (for example :class:`Distillation`; the choice is still made on accuracy).
     """
     from utils.pruning import clone_model  # the one pruning helper the loops need
 
@@ -219,7 +228,7 @@ def fine_tune(
         )
         opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
         for epoch in range(1, epochs + 1):
-            train(m, loader, epochs=1, optimizer=opt, device=device, progress=False)
+            train(m, loader, epochs=1, optimizer=opt, device=device, progress=False, loss=loss)
             val = evaluate(m, val_loader, device=device)
             better = val > record["val"] or (val == record["val"] and epoch < record["epochs"])
             if better:
@@ -248,9 +257,15 @@ class SharedRate:
         self.picked: dict = {}
 
     def __call__(
-        self, model: nn.Module, key, seed: int, epochs: int | None = None
+        self,
+        model: nn.Module,
+        key,
+        seed: int,
+        epochs: int | None = None,
+        loss: Loss | None = None,
     ) -> tuple[nn.Module, dict]:
-        """Fine-tune ``model`` for setting ``key``; returns the copy and its record."""
+        """Fine-tune ``model`` for setting ``key`` (with ``loss``, as for :func:`train`); returns
+        the copy and its record."""
         lrs = (self.picked[key],) if key in self.picked else self.lrs
         best, record = fine_tune(
             model,
@@ -260,6 +275,92 @@ class SharedRate:
             epochs=epochs or self.epochs,
             seed=seed,
             device=self.device,
+            loss=loss,
         )
         self.picked.setdefault(key, record["lr"])
         return best, record
+
+
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): ``alpha`` times the KL divergence from the
+    teacher's to the student's softened distribution (temperature ``T``), scaled by ``T**2`` so
+    that its gradients keep their size as ``T`` grows, plus ``1 - alpha`` times cross-entropy with
+    the labels. Logits of shape (batch, classes); the mean over the batch."""
+    if not temperature > 0 or not 0 <= alpha <= 1:
+        raise ValueError(f"need temperature > 0 and 0 <= alpha <= 1, got {temperature}, {alpha}")
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(
+            f"student and teacher logits must be (batch, classes), got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    t = temperature
+    soft = nn.functional.kl_div(
+        nn.functional.log_softmax(student / t, dim=1),
+        nn.functional.log_softmax(teacher / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return alpha * t * t * soft + (1 - alpha) * nn.functional.cross_entropy(student, labels)
+
+
+class Distillation:
+    """A ``loss`` for :func:`train` and :func:`fine_tune`: :func:`distillation_loss` against a
+    fixed ``teacher`` (run in eval mode, without gradients, on the same inputs)."""
+
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) -> None:
+        distillation_loss(
+            torch.zeros(1, 2),
+            torch.zeros(1, 2),
+            torch.zeros(1, dtype=torch.long),
+            temperature,
+            alpha,
+        )  # bad settings fail here, not mid-training
+        self.teacher, self.temperature, self.alpha = teacher.eval(), temperature, alpha
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.teacher(x.to(device_of(self.teacher))).float().to(logits.device)
+        return distillation_loss(logits, target, labels, self.temperature, self.alpha)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int = 10) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance on ``batches`` batches of
+    ``loader``, in place, and return the model in eval mode.
+
+    Pruning channels changes what every later layer receives, so the statistics stored during
+    training no longer describe its inputs, and a pruned network can fall to chance accuracy
+    before any retraining; re-estimating them costs a few forward passes and no gradient step
+    ("adaptive BatchNorm", Li et al. 2020). The estimate is the plain average over the batches
+    (``momentum=None``); each layer's momentum is put back afterwards.
+    """
+    if not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"batches must be a positive int, got {batches!r}")
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    norms = [m for m in model.modules() if isinstance(m, kinds)]
+    if not norms:
+        raise ValueError("the model has no BatchNorm layer to recalibrate")
+    device, dtype = device_of(model), _float_dtype(model)
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches seen
+    model.eval()
+    for m in norms:  # only the BatchNorms collect statistics; dropout and the rest stay in eval
+        m.train()
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i == batches:
+                break
+            model(_to(x, device, dtype))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+    return model

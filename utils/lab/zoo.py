@@ -4,9 +4,10 @@ Pruning lessons only transfer from networks that have left their initialization 
 chapters start from these instead of a few epochs of their own. ``scripts/train_zoo.py`` trains
 every member with the recipe below (one deterministic script; the README gives its table):
 
-- LeNet-5 and LeNet-300-100: SGD with momentum, weight decay, a cosine learning-rate schedule,
-  random shifts of up to 2 pixels, on the training split of :func:`utils.lab.data.load_mnist`
-  with ``validation=True``; the epoch with the best validation accuracy is kept.
+- LeNet-5, LeNet-300-100 and ResNet-20 (30 epochs and 3 seeds; 60 and 5 for the LeNets): SGD
+  with momentum, weight decay, a cosine learning-rate schedule, random shifts of up to 2 pixels,
+  on the training split of :func:`utils.lab.data.load_mnist` with ``validation=True``; the epoch
+  with the best validation accuracy is kept.
 - the character LM of chapter 9: AdamW with warm-up and cosine decay; the step with the lowest
   perplexity on a selection slice (the *end* of the validation text; chapter 9 measures on its
   start) is kept.
@@ -31,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from utils.lab.data import MEAN, STD, load_mnist, resolve_source
-from utils.lab.models import LeNet5, LeNet300100
+from utils.lab.models import LeNet5, LeNet300100, ResNet
 from utils.lab.training import evaluate, quiet, set_seed
 
 SHIPPED = Path(__file__).parent / "zoo_weights"
@@ -76,8 +77,20 @@ def _lenet5_half() -> nn.Module:
     return LeNet5(widths=(3, 8, 60, 42))
 
 
-MODELS = {"lenet5": LeNet5, "lenet5-half": _lenet5_half, "lenet300100": LeNet300100}
-RECIPES = {name: Recipe() for name in MODELS}
+def _resnet20() -> nn.Module:
+    """ResNet-20 at twice the CIFAR widths (32, 64, 128): wide enough that the convolutions,
+    not the per-element work around them, set a CPU runtime's speed (chapter 5.2)."""
+    return ResNet(blocks=3, widths=(32, 64, 128))
+
+
+MODELS = {
+    "lenet5": LeNet5,
+    "lenet5-half": _lenet5_half,
+    "lenet300100": LeNet300100,
+    "resnet20": _resnet20,
+}
+RECIPES = {name: Recipe() for name in MODELS} | {"resnet20": Recipe(epochs=30)}
+MEMBER_SEEDS = {name: SEEDS for name in MODELS} | {"resnet20": (0, 1, 2)}
 LM = LMRecipe()
 
 
