@@ -136,27 +136,15 @@ def file_sizes(obj: object) -> dict[str, float]:
 
 
 def time_interleaved(
-    candidates: dict[str, Callable[[], object]],
-    repeats: int = 20,
-    warmup: int = 3,
-    pause: float = 0.0,
+    candidates: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3
 ) -> dict[str, list[float]]:
-    """Wall times (s) of each candidate, run A B C A B C ... so that noise hits all alike.
-
-    ``pause`` (s) sleeps before each timed call: thread pools that keep spinning after a call
-    (OpenMP's in PyTorch, ONNX Runtime's by default) then go idle instead of taking the cores
-    from the next candidate, which matters when candidates are different runtimes.
-    """
-    if pause < 0:
-        raise ValueError(f"pause must be >= 0 seconds, got {pause!r}")
+    """Wall times (s) of each candidate, run A B C A B C ... so that noise hits all alike."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            if pause:
-                time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
