@@ -392,10 +392,11 @@ CASES = {  # check: (right answer, [wrong answers])
         ],
     ),
     "check_prune_for_runtime": (
-        lambda m, e: prune_resnet(m, e, 0.5, 16),
+        lambda m, e: prune_resnet(m, e, 0.7, 16, keep_first=True),
         [
-            lambda m, e: prune_resnet(m, e, 0.25, 8),  # widths 24, 48, 96: not multiples of 16
-            lambda m, e: prune_resnet(m, e, 0.3, 16, keep_first=True),  # too many MACs left
+            lambda m, e: prune_resnet(m, e, 0.5, 16),  # the first stage pruned too
+            lambda m, e: prune_resnet(m, e, 0.5, 16, keep_first=True),  # 52 % of the MACs
+            lambda m, e: prune_resnet(m, e, 0.7, 8, keep_first=False),
             lambda m, e: m,
         ],
     ),

@@ -1315,14 +1315,17 @@ def check_distillation_loss(fn: Callable[[Tensor, Tensor, Tensor, float, float],
     settings = [
         ("T=4, alpha=0.9", s, t, 4.0, 0.9),
         ("T=1, alpha=0.5", s, t, 1.0, 0.5),
-        ("alpha=0: cross-entropy only", s, t, 2.0, 0.0),
-        ("alpha=1: the teacher only", s, t, 8.0, 1.0),
-        ("student equals teacher", t, t, 4.0, 1.0),
+        ("T=2, alpha=0: cross-entropy only", s, t, 2.0, 0.0),
+        ("T=8, alpha=1: the teacher only", s, t, 8.0, 1.0),
+        ("T=4, alpha=1, student equals teacher", t, t, 4.0, 1.0),
     ]
 
     def number(args: tuple) -> Any:
-        out = fn(*args)
+        student = args[0].clone().requires_grad_()
+        out = fn(student, *args[1:])
         if isinstance(out, Tensor) and out.numel() == 1:
+            if out.grad_fn is None:
+                return _Reason("the loss must keep its gradient: return the tensor, not .item()")
             return float(out.detach())
         return out
 
@@ -1339,7 +1342,7 @@ def check_distillation_loss(fn: Callable[[Tensor, Tensor, Tensor, float, float],
         lambda *args: number(args),
         cases,
         atol=1e-5,
-        forbid=(training.distillation_loss,),
+        forbid=(training.distillation_loss, training.Distillation.__call__),
     )
 
 
@@ -1356,7 +1359,7 @@ def check_fold_batchnorm(fn: Callable[[nn.Conv2d, nn.BatchNorm2d], nn.Conv2d]) -
         bn = nn.BatchNorm2d(6).eval()
         with torch.no_grad():  # statistics and scales that a trained network has
             bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.2, 3)
+            bn.running_var.uniform_(0.001, 0.01)  # small enough that eps (1e-5) matters
             bn.weight.uniform_(-2, 2)
             bn.bias.uniform_(-1, 1)
         return conv, bn
@@ -1380,11 +1383,12 @@ def check_fold_batchnorm(fn: Callable[[nn.Conv2d, nn.BatchNorm2d], nn.Conv2d]) -
                 out = got.eval()(x)
             if out.shape != want.shape:
                 return f"output shape {tuple(out.shape)}, expected {tuple(want.shape)}"
-            worst = float((out - want).abs().max())
+            worst = float((out - want).abs().max()) / (1 + float(want.abs().max()))
             return (
                 None
-                if worst <= 1e-5
-                else f"outputs differ from bn(conv(x)) by up to {worst:.2g} (tolerance 1e-5)"
+                if worst <= 2e-5
+                else f"outputs differ from bn(conv(x)) by up to {worst:.2g} of their size "
+                "(tolerance 2e-5; did you use the running statistics and bn.eps?)"
             )
 
         return (f"bias={bias}, groups={groups}, stride={stride}", (conv, bn), judge)
@@ -1399,10 +1403,11 @@ def check_fold_batchnorm(fn: Callable[[nn.Conv2d, nn.BatchNorm2d], nn.Conv2d]) -
 
 
 def check_prune_for_runtime(fn: Callable[[nn.Module, Tensor], nn.Module]) -> Verdict:
-    """Design: ``fn(resnet20, example) -> model`` pruned with Torch-Pruning (or by hand) so that it
-    does between 20 % and 50 % of the dense MACs on ``example`` (1x1x32x32), every convolution keeps
-    a multiple of 16 output channels (the float32 SIMD width of AVX-512), none is removed, and it
-    still outputs 10 logits per image."""
+    """Design: ``fn(resnet20, example) -> model`` pruned with Torch-Pruning (or by hand) so that its
+    first stage stays whole (the stem and the first stage's convolutions keep their 32 channels),
+    it does between 35 % and 45 % of the dense MACs on ``example`` (1x1x32x32), every convolution
+    keeps a multiple of 16 output channels (the float32 SIMD width of AVX-512), none is removed,
+    and it still outputs 10 logits per image."""
     from utils.lab import zoo
 
     def case(seed: int) -> tuple:
@@ -1420,6 +1425,9 @@ def check_prune_for_runtime(fn: Callable[[nn.Module, Tensor], nn.Module]) -> Ver
             odd = sorted({m.out_channels for m in layers if m.out_channels % 16})
             if odd:
                 return f"convolutions with {odd} output channels: not multiples of 16"
+            first = [got.conv1, *(m for m in got.layer1.modules() if isinstance(m, nn.Conv2d))]
+            if any(m.out_channels != 32 for m in first):
+                return "the first stage was pruned: the stem and layer1 must keep 32 channels"
             with torch.no_grad():
                 got.eval()
                 try:
@@ -1429,8 +1437,8 @@ def check_prune_for_runtime(fn: Callable[[nn.Module, Tensor], nn.Module]) -> Ver
             if out.shape != (3, 10):
                 return f"output shape {tuple(out.shape)}, expected (3, 10)"
             share = measure.count_flops(got, example) / dense
-            if not 0.2 <= share <= 0.5:
-                return f"it does {share:.0%} of the dense MACs; the budget is 20 % to 50 %"
+            if not 0.35 <= share <= 0.45:
+                return f"it does {share:.0%} of the dense MACs; the budget is 35 % to 45 %"
             return None
 
         return (f"ResNet-20, seed {seed}", (model, example), judge)

@@ -130,8 +130,9 @@ def spread(times: list[float]) -> dict[str, float]:
 
 
 def cuda_times(fn: Callable[[], object], repeats: int = 50, warmup: int = 10) -> list[float]:
-    """Times (s) of ``fn`` on the current CUDA stream measured with CUDA events: what the GPU
-    spent, not when Python got control back."""
+    """Times (s) of ``fn`` on the current CUDA stream measured with CUDA events: from the first
+    kernel queued to the last one finished, not when Python got control back (for a small model
+    that includes the GPU's idle gaps between kernel launches)."""
     for _ in range(warmup):
         fn()
     times = []
