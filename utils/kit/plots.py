@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 plt.rcParams.update(
     {"figure.dpi": 90, "savefig.dpi": 90, "axes.spines.top": False, "axes.spines.right": False}
@@ -155,6 +155,8 @@ def pareto(
     for n in front:
         ax.annotate(n, points[n], textcoords="offset points", xytext=(5, -10), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # 0.5, 1, 2 rather than 5 x 10^-1
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
