@@ -58,11 +58,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Pa
     return path
 
 
-def ort_session(path: str | Path, threads: int):
+def ort_session(path: str | Path, threads: int, spinning: bool = False):
     """An ONNX Runtime CPU session with ``threads`` intra-op threads, every graph optimization on,
-    and **no spinning**: by default the session's threads keep spinning after each run, and when
-    runtimes take turns (an interleaved benchmark, or a server with other work) those spinning
-    threads steal the cores of whatever runs next."""
+    and **no spinning** unless ``spinning=True`` (ONNX Runtime's own default): spinning threads
+    keep a core busy after each run, and when runtimes take turns (an interleaved benchmark, or
+    a server with other work) they steal the cores of whatever runs next."""
     import onnxruntime as ort
 
     if not isinstance(threads, int) or threads < 1:
@@ -70,7 +70,7 @@ def ort_session(path: str | Path, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
