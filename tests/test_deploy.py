@@ -280,3 +280,18 @@ def test_recalibrate_batchnorm_uses_only_the_batches_asked_and_refuses_bad_input
         recalibrate_batchnorm(model, loader, batches=0)
     with pytest.raises(ValueError, match="no BatchNorm"):
         recalibrate_batchnorm(nn.Linear(2, 2), loader)
+
+
+def test_recalibrate_batchnorm_leaves_the_statistics_alone_when_a_batch_fails():
+    from utils.lab.training import recalibrate_batchnorm
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[1].running_mean.fill_(7.0)
+    bad = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8, 5), torch.zeros(8)), batch_size=4
+    )  # 5 features where the model takes 3
+    with pytest.raises(RuntimeError):
+        recalibrate_batchnorm(model, bad)
+    assert torch.equal(model[1].running_mean, torch.full((2,), 7.0))
+    assert model[1].momentum == 0.1 and not model.training

@@ -281,6 +281,11 @@ class SharedRate:
         return best, record
 
 
+def _check_distillation(temperature: float, alpha: float) -> None:
+    if not temperature > 0 or not 0 <= alpha <= 1:
+        raise ValueError(f"need temperature > 0 and 0 <= alpha <= 1, got {temperature}, {alpha}")
+
+
 def distillation_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -292,8 +297,7 @@ def distillation_loss(
     teacher's to the student's softened distribution (temperature ``T``), scaled by ``T**2`` so
     that its gradients keep their size as ``T`` grows, plus ``1 - alpha`` times cross-entropy with
     the labels. Logits of shape (batch, classes); the mean over the batch."""
-    if not temperature > 0 or not 0 <= alpha <= 1:
-        raise ValueError(f"need temperature > 0 and 0 <= alpha <= 1, got {temperature}, {alpha}")
+    _check_distillation(temperature, alpha)
     if student.shape != teacher.shape or student.dim() != 2:
         raise ValueError(
             f"student and teacher logits must be (batch, classes), got "
@@ -314,13 +318,7 @@ class Distillation:
     fixed ``teacher`` (run in eval mode, without gradients, on the same inputs)."""
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) -> None:
-        distillation_loss(
-            torch.zeros(1, 2),
-            torch.zeros(1, 2),
-            torch.zeros(1, dtype=torch.long),
-            temperature,
-            alpha,
-        )  # bad settings fail here, not mid-training
+        _check_distillation(temperature, alpha)  # bad settings fail here, not mid-training
         self.teacher, self.temperature, self.alpha = teacher.eval(), temperature, alpha
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -338,7 +336,8 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int = 1
     training no longer describe its inputs, and a pruned network can fall to chance accuracy
     before any retraining; re-estimating them costs a few forward passes and no gradient step
     ("adaptive BatchNorm", Li et al. 2020). The estimate is the plain average over the batches
-    (``momentum=None``); each layer's momentum is put back afterwards.
+    (``momentum=None``); each layer's momentum is put back afterwards, and if a batch fails, the
+    old statistics too.
     """
     if not isinstance(batches, int) or batches < 1:
         raise ValueError(f"batches must be a positive int, got {batches!r}")
@@ -347,7 +346,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int = 1
     if not norms:
         raise ValueError("the model has no BatchNorm layer to recalibrate")
     device, dtype = device_of(model), _float_dtype(model)
-    saved = [(m, m.momentum) for m in norms]
+    saved = [(m, m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches seen
@@ -359,8 +358,12 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int = 1
             if i == batches:
                 break
             model(_to(x, device, dtype))
+    except Exception:  # a batch the model cannot take: put the old statistics back, then raise
+        for m, _, state in saved:
+            m.load_state_dict(state)
+        raise
     finally:
-        for m, momentum in saved:
+        for m, momentum, _ in saved:
             m.momentum = momentum
         model.eval()
     return model
