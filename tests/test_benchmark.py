@@ -11,6 +11,7 @@ from utils.kit.benchmark import main, peak_extra_rss
 
 def test_quick_mode_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
+    threads_before = torch.get_num_threads()
     results = main(["--quick", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["machine"]["torch_threads"] >= 1 and saved["quick"] is True
@@ -31,6 +32,14 @@ def test_quick_mode_writes_json(tmp_path, capsys):
     assert all(  # half the channels: about 4x fewer MACs (fewer where counts are rounded up)
         r["MACs ratio"] > (3 if r["round_to"] == 1 else 2) for r in saved["structured"]
     )
+    runtimes = saved["structured_runtimes"]
+    assert {(r["threads"], r["runtime"], r["batch"]) for r in runtimes} == {
+        (n, rt, b)
+        for n in (1, 2)
+        for rt in ("eager", "eager, folded, channels-last", "ONNX Runtime")
+        for b in (1, 2)
+    }
+    assert all(r["MACs ratio"] > 3 and r["dense ms"] > 0 < r["shrunk ms"] for r in runtimes)
     assert {(r["width"], r["sparsity"]) for r in saved["sparse_linear"]} == {
         (256, 0.5),
         (256, 0.99),
@@ -43,6 +52,7 @@ def test_quick_mode_writes_json(tmp_path, capsys):
         and large["weights"] == 4 * 256 * 256
         and large["zeros"] == large["weights"] // 2
     )
+    assert torch.get_num_threads() == threads_before  # the thread sweep puts the count back
     out = capsys.readouterr().out
     assert "utils.pruning" in out and "(c)" in out and "(d)" in out
 
