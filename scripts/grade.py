@@ -148,6 +148,14 @@ def _parse_grade(cell) -> dict:
     return {"error": "the check printed no result (timed out?)"}
 
 
+def _timed_out(cell) -> bool:
+    return any(
+        o.get("output_type") == "error"
+        and o.get("ename") in ("CellTimeoutError", "KeyboardInterrupt")
+        for o in cell.get("outputs", [])
+    )
+
+
 def worker(submission: Path, spec: list[dict], cell_timeout: int, result_path: Path) -> None:
     from nbclient import NotebookClient
     from nbclient.exceptions import DeadKernelError
@@ -188,8 +196,19 @@ def worker(submission: Path, spec: list[dict], cell_timeout: int, result_path: P
                     notes.append(
                         f"{len(errors)} cell(s) raised or timed out while running the notebook"
                     )
+                timed_out = {  # an exercise whose own cell timed out: its check would too
+                    _label(c)
+                    for c in run.cells
+                    if c.cell_type == "code" and "stub" in _tags(c) and _timed_out(c)
+                }
                 for ex in spec:
                     if ex["kind"] != "auto" or ex["label"] in results:
+                        continue
+                    if ex["label"] in timed_out:
+                        results[ex["label"]] = {
+                            "error": f"timed out: its cell ran past the {cell_timeout} s limit "
+                            "in the notebook run, so its check was not run again"
+                        }
                         continue
                     index = ("grading", ex["label"])
                     cell = nbformat.v4.new_code_cell(grading_source(ex))

@@ -444,6 +444,28 @@ def test_endless_notebook_is_stopped(tmp_path):
 
 
 @pytest.mark.heavy
+def test_endless_exercise_costs_only_itself_and_one_cell_limit(tmp_path):
+    """An exercise whose function never returns: its cell times out once, its check is not run
+    again, and every other exercise still scores."""
+    chapter = CHAPTERS[0]
+    auto = [e for e in grade.exercise_spec(chapter) if e["kind"] == "auto"]
+    endless = auto[0]
+    nb = trimmed(nbformat.read(chapter, as_version=4))  # the reference: full marks
+    nb.cells = [c for c in nb.cells if not ("solution" in tags(c) and endless["label"] in tags(c))]
+    stub = next(c for c in nb.cells if "stub" in tags(c) and endless["label"] in tags(c))
+    name = endless["names"][0]
+    stub.source = (
+        f"def {name}(*args, **kwargs):\n    while True:\n        pass\n\n\n{endless['call']}"
+    )
+    path = write(nb, tmp_path / "endless-exercise.ipynb")
+    rows = by_exercise(grade_files([path], tmp_path, chapter=chapter, cell_timeout=8), path)
+    assert rows[endless["label"]]["points"] == 0
+    assert "was not run again" in rows[endless["label"]]["message"], rows
+    for e in auto[1:]:
+        assert rows[e["label"]]["points"] == e["points"], rows
+
+
+@pytest.mark.heavy
 def test_cli_writes_csv(tmp_path):
     chapter = CHAPTERS[0]
     nb = trimmed(nbformat.read(chapter, as_version=4))
