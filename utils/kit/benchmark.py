@@ -435,14 +435,14 @@ def bench_structured_runtimes(
     width: float = 1.0,
     batches: tuple[int, ...] = (1, 32),
     repeats: int = 30,
-    threads: tuple[int, ...] = (1, 2),
+    threads: tuple[int, ...] | None = None,
 ) -> list[dict]:
     """(b) continued: VGG-16 (13 convolutions, 32x32 input), half of every layer's channels cut
-    out by ``shrink``, dense against shrunk in three CPU runtimes at each thread count. Eager
-    PyTorch pays a fixed cost per operator and a pass over the activations for each BatchNorm
-    and ReLU, which shrink with the channels (2x) rather than the MACs (4x); a runtime that
-    fuses them does not. More threads split each operator further, which helps a small network
-    less than a large one. Outputs are checked against eager before any timing."""
+    out by ``shrink``, dense against shrunk in three CPU runtimes at each thread count (default:
+    one, and torch's current count). Costs that do not shrink with the MACs (4x here) weigh
+    more on the small network: a fixed cost per operator and per call, and the passes over the
+    activations (BatchNorm, ReLU, pooling), which shrink with the channels (2x); folding and
+    fusing remove some of them. Outputs are checked against eager before any timing."""
     import tempfile
 
     torch.manual_seed(0)
@@ -453,13 +453,19 @@ def bench_structured_runtimes(
     before, rows = torch.get_num_threads(), []
     try:
         with tempfile.TemporaryDirectory() as workdir, torch.no_grad():
-            for n in threads:
+            for n in threads or sorted({1, before}):
                 torch.set_num_threads(n)
                 for row in _runtime_rows(dense, small, batches, repeats, workdir):
                     rows.append({"threads": n, "width": width, **row})
     finally:
         torch.set_num_threads(before)
     return rows
+
+
+def _agrees(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-3) -> bool:
+    """Within ``rel`` of the reference's largest magnitude: random networks' logits are tiny, so
+    an absolute tolerance would pass anything."""
+    return got.shape == want.shape and bool((got - want).abs().max() <= rel * want.abs().max())
 
 
 def _runtime_rows(
@@ -474,7 +480,8 @@ def _runtime_rows(
         macs = count_flops(dense, x) / count_flops(small, x)
         for runtime in runs["d"]:
             for k, m in (("d", dense), ("s", small)):
-                if not torch.allclose(runs[k][runtime](x), m(x), rtol=1e-3, atol=1e-4):
+                want = m(x)  # eager is the reference; the other runtimes must agree with it
+                if runtime != "eager" and not _agrees(runs[k][runtime](x), want):
                     raise RuntimeError(f"{runtime} computes another function than eager")
             t = median_times(
                 {k: (lambda f=r[runtime], x=x: f(x)) for k, r in runs.items()}, repeats, 3
