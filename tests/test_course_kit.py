@@ -454,8 +454,10 @@ def test_endless_exercise_costs_only_itself_and_one_cell_limit(tmp_path):
     nb.cells = [c for c in nb.cells if not ("solution" in tags(c) and endless["label"] in tags(c))]
     stub = next(c for c in nb.cells if "stub" in tags(c) and endless["label"] in tags(c))
     name = endless["names"][0]
+    imports = "".join(f"{imp}\n" for imp in endless["imports"])  # the stub's own imports
     stub.source = (
-        f"def {name}(*args, **kwargs):\n    while True:\n        pass\n\n\n{endless['call']}"
+        f"{imports}\n\ndef {name}(*args, **kwargs):\n    while True:\n        pass\n\n\n"
+        f"{endless['call']}"
     )
     path = write(nb, tmp_path / "endless-exercise.ipynb")
     rows = by_exercise(grade_files([path], tmp_path, chapter=chapter, cell_timeout=8), path)
