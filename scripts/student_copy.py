@@ -47,10 +47,12 @@ HEADER = """> **Student copy.** Run the notebook top to bottom (on Colab: *Runti
 > rerun the cell until its check prints only `pass`; write the answers to *explain* questions in
 > the text cell marked **Your answer**. Keep the function names and do not delete exercise cells.
 >
-> **How it is graded.** Your notebook is run top to bottom on a fresh kernel with a time limit,
-> then each exercise's check is run on your function: an exercise scores its points when every
-> case passes, and an error or a time-out costs only that exercise. *Explain* answers are read
-> and graded by hand."""
+> **How it is graded.** The grader takes the code of your exercise cells (and the imports and
+> functions defined above them, not the chapter's experiments) and runs each exercise in a fresh
+> process of its own, with a time limit; the check runs outside it, on the cases you see here and
+> on hidden ones drawn when grading (other shapes and values), so write the general solution.
+> An exercise scores its points when every case passes; an error or a time-out costs only that
+> exercise. *Explain* answers are read and graded by hand."""
 
 
 def tags(cell: dict) -> list[str]:

@@ -2,7 +2,7 @@
 # The README's test command: set-up, then every test, then a summary of what ran and how long.
 #   1. the fast lane (unit, property, style, packaging, book and course-kit tests), run in a clean
 #      copy of the repository: the files git tracks or would add, nothing ignored or built;
-#   2. the grader end to end (kernels, time-outs; tests marked heavy);
+#   2. the grader end to end (sandboxes, time-outs, tricks; tests marked heavy);
 #   3. the Colab rehearsal, which is also the nbval run: every chapter alone in a clean venv,
 #      each one's time printed, a chapter over 3 minutes named, one over the budget failed;
 #   4. the strict book build (warnings are errors) and the browser test of the site it wrote.

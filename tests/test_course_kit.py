@@ -1,10 +1,12 @@
 """The course kit: student copies (no solution left, run clean) and the autograder (reference =
-full marks, untouched copy = 0, one exercise solved = exactly its points, broken or hostile
-submissions = rows, never a crash or a changed file outside the grader's temporary folder).
+full marks, untouched copy = 0, one exercise solved = exactly its points, broken, hostile and
+cheating submissions = rows that score nothing, never a crash or a changed file outside the
+grader's temporary folder).
 
-Every chapter's exercises are graded in one plain Python process (seconds); the tests marked
-``heavy`` run the grader itself, with its kernels and time-outs, on chapter 1 (about two
-minutes; ``scripts/test.sh`` runs them, the fast lane ``-m "not heavy"`` does not)."""
+Every chapter's exercises are graded in one plain Python process (seconds), hidden cases
+included; the tests marked ``heavy`` run the grader itself, with its sandboxes and time-outs, on
+chapters 1, 3 and 7 (about two and a half minutes; ``scripts/test.sh`` runs them, the fast lane
+``-m "not heavy"`` does not)."""
 
 import ast
 import copy
@@ -15,6 +17,7 @@ import re
 import subprocess
 import symtable
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -70,7 +73,7 @@ def grade_files(paths, tmp_path, **kw):
             CHAPTERS,
             kw.get("chapter"),
             kw.get("cell_timeout", 120),
-            kw.get("total_timeout", 300),
+            kw.get("total_timeout"),
         )
     return rows
 
@@ -180,13 +183,12 @@ def self_contained(nb, ex):
 
 
 # Every chapter is graded by the cheap path below; one chapter goes through the grader end to end
-# (kernels, time-outs, the CSV), as a teacher runs it. The Colab rehearsal (scripts/test.sh) runs
+# (sandboxes, time-outs, the CSV), as a teacher runs it. The Colab rehearsal (scripts/test.sh) runs
 # every chapter with its solutions and stubs, so a student copy, which only drops the solution
 # cells, runs wherever no later cell needs a name that only a solution defines (checked here).
 IN_PROCESS = r"""
 import contextlib, io, json, sys
-sys.path.insert(0, sys.argv[1])
-import grade
+from utils.kit import checks
 out = {}
 for line in sys.stdin:
     job = json.loads(line)
@@ -199,12 +201,16 @@ for line in sys.stdin:
                     exec(source, ns)
                 except Exception:
                     pass
-            for ex in job["alone"]:  # then every check, as the grader calls it
-                exec(grade.grading_source(ex), ns)
-        parts = buf.getvalue().split(grade.MARK)[1:]
-        for ex, part in zip(job["alone"], parts):
-            out[f"{job['chapter']}|{ex['label']}|{who}"] = json.loads(part.splitlines()[0])
-print(grade.MARK + json.dumps(out))
+        for ex in job["alone"]:  # then every check with hidden cases, as the grader calls it
+            with contextlib.redirect_stdout(io.StringIO()) as printed, checks.hidden_cases(job["seed"]):
+                try:
+                    v = eval(ex["call"], ns)
+                    r = {"passed": v.passed, "total": v.total}
+                except Exception as e:
+                    r = {"error": repr(e)}
+            r["hidden"] = printed.getvalue().count(checks.HIDDEN)
+            out[f"{job['chapter']}|{ex['label']}|{who}"] = r
+print("<<in-process>>" + json.dumps(out))
 """
 
 
@@ -231,18 +237,19 @@ def in_process():
             "alone": alone,
             "reference": exercise_code(nb),
             "untouched": exercise_code(untouched),
+            "seed": 20261203,
         }
         lines.append(json.dumps(job))
     done = subprocess.run(
-        [sys.executable, "-c", IN_PROCESS, str(ROOT / "scripts")],
+        [sys.executable, "-c", IN_PROCESS],
         input="\n".join(lines) + "\n",
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "PRUNING_BOOK_QUIET": "1"},
     )
-    assert grade.MARK in done.stdout, done.stderr[-3000:]
-    return json.loads(done.stdout.split(grade.MARK, 1)[1].splitlines()[0])
+    assert "<<in-process>>" in done.stdout, done.stderr[-3000:]
+    return json.loads(done.stdout.split("<<in-process>>", 1)[1].splitlines()[0])
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
@@ -314,11 +321,30 @@ def test_student_copy_runs_where_the_chapter_runs(path):
         only_solutions -= bound
 
 
+def replace_stub(nb, label, source):
+    """``nb`` with the stub of exercise ``label`` holding ``source`` (its check call kept)."""
+    nb = copy.deepcopy(nb)
+    stub = next(c for c in nb.cells if "stub" in tags(c) and label in tags(c))
+    call = next(ln for ln in stub.source.splitlines() if ln.startswith("check_"))
+    imports = [ln for ln in stub.source.splitlines() if ln.startswith("from utils")]
+    stub.source = "\n".join(imports) + "\n\n\n" + source.strip() + "\n\n\n" + call
+    return nb
+
+
+def student(chapter):
+    """The student copy of a chapter's exercise section (imports, exercises, no solutions)."""
+    return student_copy.student_copy(trimmed(nbformat.read(chapter, as_version=4)), chapter.stem)
+
+
+def chapter_named(stem):
+    return next(p for p in CHAPTERS if p.stem == stem)
+
+
 @pytest.mark.heavy
 def test_one_chapter_graded_end_to_end(tmp_path):
-    """Chapter 1 through the grader as a teacher runs it (a kernel per submission): its untouched
-    full student copy runs clean and scores zero, the reference full marks, a copy with one
-    exercise solved exactly that exercise's points."""
+    """Chapter 1 through the grader as a teacher runs it (a sandbox per exercise): its untouched
+    full student copy scores zero, the reference full marks, a copy with one exercise solved
+    exactly that exercise's points; the chapter's own experiments are not run."""
     path = CHAPTERS[0]
     nb = nbformat.read(path, as_version=4)
     spec = grade.exercise_spec(path)
@@ -339,60 +365,61 @@ def test_one_chapter_graded_end_to_end(tmp_path):
     )
     solved.cells.insert(at + 1, nbformat.v4.new_code_cell(code.source))
     one = write(solved, tmp_path / "one.ipynb")
-    rows = grade_files([full_copy, reference, one], tmp_path, chapter=path, cell_timeout=300)
+    rows = grade_files([full_copy, reference, one], tmp_path, chapter=path, cell_timeout=120)
     zero, ref, single = (by_exercise(rows, p) for p in (full_copy, reference, one))
     total = zero["TOTAL"]
-    assert total["points"] == 0 and "raised" not in total["message"], total
-    assert "not graded" not in total["message"], total
+    assert total["points"] == 0 and "not graded" not in total["message"], total
     assert all(zero[e["label"]]["message"].startswith("0 of ") for e in auto), zero
     manual = [e["label"] for e in spec if e["kind"] == "manual"]
     assert all(zero[m]["message"] == "grade by hand: no answer" for m in manual)
-    assert ref["TOTAL"]["points"] == ref["TOTAL"]["max_points"] == sum(e["points"] for e in auto)
+    assert ref["TOTAL"]["points"] == sum(e["points"] for e in auto), ref["TOTAL"]
+    assert ref["TOTAL"]["max_points"] == sum(e["points"] for e in spec)
     assert all(ref[e["label"]]["points"] == e["points"] for e in auto), ref
     assert single["TOTAL"]["points"] == single[first["label"]]["points"] == first["points"], single
 
 
 @pytest.mark.heavy
 def test_broken_and_hostile_submissions_give_rows(tmp_path):
+    """Files that are not notebooks give rows; code that deletes files, loops without end
+    (ignoring interrupts) or ends its process costs only what it stops, and changes nothing
+    outside the grader's folder."""
     chapter = CHAPTERS[0]
-    nb = student_copy.student_copy(trimmed(nbformat.read(chapter, as_version=4)), chapter.stem)
+    nb = student(chapter)
     (tmp_path / "not-json.ipynb").write_text("{ this is not a notebook")
     (tmp_path / "not-a-notebook.ipynb").write_text(json.dumps({"cells": 3}))
     spec = grade.exercise_spec(chapter)
     auto = [e for e in spec if e["kind"] == "auto"]
-    hostile = copy.deepcopy(nb)
+    solutions = {
+        e["label"]: next(
+            c.source
+            for c in nbformat.read(chapter, as_version=4).cells
+            if "solution" in tags(c) and e["label"] in tags(c) and c.cell_type == "code"
+        ).replace("assert check_", "check_")
+        for e in auto
+    }
     victim = tmp_path / "outside.txt"
     victim.write_text("keep me")
+    hostile = copy.deepcopy(nb)
     stubs = [i for i, c in enumerate(hostile.cells) if "stub" in tags(c) and c.cell_type == "code"]
+    hostile.cells[stubs[1]].source = (  # deletes what it can reach, then solves its exercise
+        "import os, shutil\n"
+        f"for f in os.listdir('.') + [{str(victim)!r}]:\n"
+        "    try:\n        os.remove(f)\n    except OSError:\n        pass\n"
+        "shutil.rmtree('..', ignore_errors=True)\n\n" + solutions[auto[1]["label"]]
+    )
+    hostile.cells[stubs[2]].source = (  # an endless statement that ignores interrupts
+        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass\n\n"
+        + solutions[auto[2]["label"]]
+    )
+    hostile.cells[stubs[3]].source = "import os\nos._exit(3)\n\n" + solutions[auto[3]["label"]]
     hostile.cells.pop(stubs[0])  # a missing exercise
-    at = (
-        next(
-            i
-            for i, c in enumerate(hostile.cells)
-            if c.cell_type == "code" and "import torch" in c.source
-        )
-        + 1
-    )
-    hostile.cells.insert(
-        at,
-        nbformat.v4.new_code_cell(  # deletes every file it can reach by relative paths
-            "import os, shutil\nfor f in os.listdir('.'):\n    os.remove(f)\nshutil.rmtree('..', ignore_errors=True)"
-        ),
-    )
-    hostile.cells.insert(
-        at + 1, nbformat.v4.new_code_cell("while True:\n    pass")
-    )  # an endless loop, interrupted
     write(hostile, tmp_path / "hostile.ipynb")
-    killer = copy.deepcopy(nb)
-    killer.cells.insert(2, nbformat.v4.new_code_cell("import os\nos._exit(3)"))  # kills the kernel
-    write(killer, tmp_path / "killer.ipynb")
     before = sorted(p.name for p in tmp_path.iterdir())
     rows = grade_files(
         [
             tmp_path / "not-json.ipynb",
             tmp_path / "not-a-notebook.ipynb",
             tmp_path / "hostile.ipynb",
-            tmp_path / "killer.ipynb",
         ],
         tmp_path,
         chapter=chapter,
@@ -404,76 +431,272 @@ def test_broken_and_hostile_submissions_give_rows(tmp_path):
         assert r["TOTAL"]["points"] == 0 and "invalid notebook" in r["TOTAL"]["message"]
         assert all("invalid notebook" in r[e["label"]]["message"] for e in spec)
     r = by_exercise(rows, tmp_path / "hostile.ipynb")
-    assert r["TOTAL"]["points"] == 0
     assert "renamed, or its cell deleted" in r[auto[0]["label"]]["message"], r
-    assert "raised or timed out" in r["TOTAL"]["message"]
-    r = by_exercise(rows, tmp_path / "killer.ipynb")
-    assert "killed the kernel" in r["TOTAL"]["message"]
-    assert all(r[e["label"]]["message"].startswith("0 of ") for e in auto), r
-
-
-@pytest.mark.heavy
-def test_endless_notebook_is_stopped(tmp_path):
-    """A loop that ignores interrupts: cells and checks time out, or the whole run is killed."""
-    chapter = CHAPTERS[0]
-    nb = student_copy.student_copy(trimmed(nbformat.read(chapter, as_version=4)), chapter.stem)
-    at = (
-        next(
-            i
-            for i, c in enumerate(nb.cells)
-            if c.cell_type == "code" and "import torch" in c.source
-        )
-        + 1
-    )
-    nb.cells.insert(
-        at,
-        nbformat.v4.new_code_cell(
-            "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass"
-        ),
-    )
-    path = write(nb, tmp_path / "endless.ipynb")
-    rows = by_exercise(
-        grade_files([path], tmp_path, chapter=chapter, cell_timeout=8, total_timeout=30), path
-    )
-    assert rows["TOTAL"]["points"] == 0
-    auto = [e["label"] for e in grade.exercise_spec(chapter) if e["kind"] == "auto"]
-    assert "ran longer than 30 s" in rows["TOTAL"]["message"] or all(
-        "timed out" in rows[label]["message"] or "no result" in rows[label]["message"]
-        for label in auto
-    ), rows
+    for e in auto[1:]:  # each solved after its hostile lines: the walls, the skip, the restart
+        assert r[e["label"]]["points"] == e["points"], r
+    assert "timed out" in r["TOTAL"]["message"] and "ended the process" in r["TOTAL"]["message"]
+    assert "PermissionError" in r[auto[1]["label"]]["output"], r[auto[1]["label"]]
 
 
 @pytest.mark.heavy
 def test_endless_exercise_costs_only_itself_and_one_cell_limit(tmp_path):
-    """An exercise whose function never returns: its cell times out once, its check is not run
-    again, and every other exercise still scores."""
+    """An exercise whose function never returns: it times out once, is not run again, and every
+    other exercise still scores."""
     chapter = CHAPTERS[0]
     auto = [e for e in grade.exercise_spec(chapter) if e["kind"] == "auto"]
     endless = auto[0]
     nb = trimmed(nbformat.read(chapter, as_version=4))  # the reference: full marks
     nb.cells = [c for c in nb.cells if not ("solution" in tags(c) and endless["label"] in tags(c))]
-    stub = next(c for c in nb.cells if "stub" in tags(c) and endless["label"] in tags(c))
-    name = endless["names"][0]
-    imports = "".join(f"{imp}\n" for imp in endless["imports"])  # the stub's own imports
-    stub.source = (
-        f"{imports}\n\ndef {name}(*args, **kwargs):\n    while True:\n        pass\n\n\n"
-        f"{endless['call']}"
+    nb = replace_stub(
+        nb,
+        endless["label"],
+        f"def {endless['functions'][0]}(*args):\n    while True:\n        pass",
     )
     path = write(nb, tmp_path / "endless-exercise.ipynb")
-    rows = by_exercise(grade_files([path], tmp_path, chapter=chapter, cell_timeout=8), path)
+    t0 = time.perf_counter()
+    rows = by_exercise(grade_files([path], tmp_path, chapter=chapter, cell_timeout=15), path)
+    assert time.perf_counter() - t0 < 15 + 60, "one time-out, not one per case"
     assert rows[endless["label"]]["points"] == 0
-    assert "was not run again" in rows[endless["label"]]["message"], rows
+    assert "not run again" in rows[endless["label"]]["message"], rows
     for e in auto[1:]:
         assert rows[e["label"]]["points"] == e["points"], rows
 
 
+# ----------------------------------------------------------------------------- tricks
+# Each trick makes an exercise pass under a grader that runs the check in the student's process
+# or only on the cases the notebook shows; each must score nothing here.
+TRICKS_3 = [
+    {  # hard-coding the public answers, keyed by the input; a subprocess rewrites the result
+        "ex-3-1": """
+def share_at_threshold(w, theta):
+    return TABLE[(tuple(w.shape), round(float(w.abs().sum()), 3), theta)]
+""",
+        "ex-3-2": """
+import types
+import utils.pruning
+
+
+def rowwise_mask(w, ratio):  # a copy of the forbidden function, built from its code
+    sk = utils.pruning.smallest_k
+    k_smallest = types.FunctionType(sk.__code__, sk.__globals__, "mine")
+    rows = w.reshape(w.shape[0], -1).abs()
+    k = round(ratio * rows.shape[1])
+    return torch.stack([~k_smallest(r, k) for r in rows]).view_as(w)
+""",
+        "ex-3-3": """
+import utils.kit.checks as _checks
+
+
+class _AllPass:
+    def __init__(self, passed, total):
+        self.passed = self.total = total
+
+    def __bool__(self):
+        return True
+
+
+def prune_and_finetune(model, train_loader, ratio):  # patch the checker from inside
+    _checks.Verdict = _AllPass
+    _checks._sparse_toy_model = lambda got, ratio, val: (None, ratio, 1.0)
+    return model
+""",
+    },
+    {  # a forged result line; the instructor's chapter read and its solution run; a patched library
+        "ex-3-1": """
+import json
+
+
+def share_at_threshold(w, theta):
+    print('<<pruning-book-grade>>' + json.dumps({"passed": 12, "total": 12}))
+    print("  pass: forged")
+    return None
+""",
+        "ex-3-2": """
+import json
+from pathlib import Path
+import utils
+
+
+def rowwise_mask(w, ratio):
+    book = Path(utils.__file__).resolve().parents[1] / "chapters" / "03-algorithms.ipynb"
+    cells = json.loads(book.read_text())["cells"]
+    space = {"torch": torch}
+    for c in cells:
+        if "solution" in c["metadata"].get("tags", []) and "ex-3-2" in c["metadata"]["tags"]:
+            src = "".join(c["source"])
+            if c["cell_type"] == "code":
+                exec(src.split("assert")[0], space)
+    return space["rowwise_mask"](w, ratio)
+""",
+        "ex-3-3": """
+import torch
+import utils.pruning
+
+
+def prune_and_finetune(model, train_loader, ratio):  # the check's measure, patched
+    utils.pruning.effective_weight = lambda m: torch.zeros_like(m.weight)
+    return model
+""",
+    },
+    {  # a plausible slip (strict <); the checker's frame read; a detached process
+        "ex-3-1": """
+def share_at_threshold(w, theta):
+    return float((w.abs() < theta).sum()) / w.numel()
+""",
+        "ex-3-2": """
+import sys
+
+
+def rowwise_mask(w, ratio):
+    frame = sys._getframe(1)
+    while frame is not None and "want" not in frame.f_locals:
+        frame = frame.f_back
+    return frame.f_locals["want"]
+""",
+        "ex-3-3": """
+import json, subprocess, sys
+from pathlib import Path
+
+
+def prune_and_finetune(model, train_loader, ratio):
+    forged = json.dumps({"results": {f"ex-3-{i}": {"passed": 1, "total": 1} for i in (1, 2, 3)}})
+    script = (
+        "import time, pathlib\\n"
+        "for _ in range(600):\\n"
+        "    for p in pathlib.Path('/tmp').glob('grade-*/private'):\\n"
+        f"        (p / 'result.json').write_text({forged!r})\\n"
+        "    time.sleep(0.05)\\n"
+    )
+    subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    return model
+""",
+    },
+]
+
+TRICKS_7 = {  # a different method than the one asked: one-shot pruning, then fine-tuning
+    "ex-7-3": """
+from utils.lab.training import train
+from utils.pruning import prune_unstructured
+
+
+def prune_while_training(model, train_loader, final, epochs):
+    train(model, train_loader, epochs=1, lr=0.05, progress=False)
+    prune_unstructured(model, final)
+    train(model, train_loader, epochs=epochs - 1, lr=0.05, progress=False)
+    return model
+""",
+    "ex-7-2": """
+def mask_overlap(a, b):  # no special case for two empty masks
+    a, b = a.bool(), b.bool()
+    return float((a & b).sum()) / float((a | b).sum())
+""",
+}
+
+
+def public_share_table():
+    """What the notebook's own check of exercise 3.1 shows: its inputs and expected answers."""
+    from utils.kit import checks
+
+    table = {}
+    for w in checks._tensors().values():
+        for theta in (0.0, 0.5, 1.0):
+            key = (tuple(w.shape), round(float(w.abs().sum()), 3), theta)
+            table[key] = float((w.abs() <= theta).sum()) / w.numel()
+    return table
+
+
 @pytest.mark.heavy
-def test_cli_writes_csv(tmp_path):
+def test_tricks_score_nothing_and_honest_work_scores_full_marks(tmp_path):
+    ch3, ch7 = chapter_named("03-algorithms"), chapter_named("07-trends")
+    paths = []
+    for i, tricks in enumerate(TRICKS_3):
+        nb = student(ch3)
+        for label, source in tricks.items():
+            nb = replace_stub(nb, label, source)
+        if i == 0:
+            table = f"TABLE = {public_share_table()!r}\n"
+            stub = next(c for c in nb.cells if "stub" in tags(c) and "ex-3-1" in tags(c))
+            stub.source = table + stub.source
+        paths.append(write(nb, tmp_path / f"tricks-{i}.ipynb"))
+    honest = write(trimmed(nbformat.read(ch3, as_version=4)), tmp_path / "honest.ipynb")
+    rows = grade_files([*paths, honest], tmp_path, chapter=ch3, cell_timeout=120)
+    for p in paths:
+        r = by_exercise(rows, p)
+        assert r["TOTAL"]["points"] == 0, (p.name, r)
+    assert (
+        "ex-3-1" in by_exercise(rows, paths[0])
+        and "hidden case" in (by_exercise(rows, paths[0])["ex-3-1"]["output"])
+    )
+    r = by_exercise(rows, honest)
+    assert r["TOTAL"]["points"] == sum(
+        e["points"] for e in grade.exercise_spec(ch3) if e["kind"] == "auto"
+    ), r
+    nb = student(ch7)
+    for label, source in TRICKS_7.items():
+        nb = replace_stub(nb, label, source)
+    seven = write(nb, tmp_path / "tricks-7.ipynb")
+    r = by_exercise(grade_files([seven], tmp_path, chapter=ch7, cell_timeout=120), seven)
+    assert r["ex-7-3"]["points"] == 0 and "step by step" in r["ex-7-3"]["output"], r["ex-7-3"]
+    assert r["ex-7-2"]["points"] == 0, r["ex-7-2"]
+    leftovers = subprocess.run(["pgrep", "-f", "grade-\\*/private"], capture_output=True)
+    assert leftovers.stdout == b"", "a process a submission started outlived its grading"
+
+
+# ----------------------------------------------------------------------------- what the teacher gets
+@pytest.mark.heavy
+def test_cli_writes_csv_feedback_and_lms_exports_and_keeps_hand_points(tmp_path):
     chapter = CHAPTERS[0]
+    spec = grade.exercise_spec(chapter)
+    manual = next(e["label"] for e in spec if e["kind"] == "manual")
     nb = trimmed(nbformat.read(chapter, as_version=4))
-    path = write(nb, tmp_path / "alice.ipynb")
-    out = tmp_path / "grades.csv"
-    assert grade.main([str(path), "--out", str(out), "--cell-timeout", "60"]) == 0
+    alice = write(nb, tmp_path / "alice_LATE_1001_ch1.ipynb")
+    bob = write(student(chapter), tmp_path / "bob_1002_ch1.ipynb")
+    out, lms, fb, gs = (tmp_path / n for n in ("grades.csv", "lms.csv", "feedback", "gs"))
+    who = r"^(?P<student>[a-z]+)(?:_(?P<late>LATE))?_\d+"
+    common = ["--out", str(out), "--cell-timeout", "60", "--student", who, "--jobs", "2"]
+    assert (
+        grade.main(
+            [
+                str(alice),
+                str(bob),
+                *common,
+                "--feedback",
+                str(fb),
+                "--lms",
+                str(lms),
+                "--gradescope",
+                str(gs),
+                "--variant",
+                "spring-2027",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == grade.FIELDS and rows[-1]["exercise"] == "TOTAL"
-    assert rows[-1]["points"] == rows[-1]["max_points"]
+    assert list(rows[0]) == grade.FIELDS
+    total = {r["student"]: r for r in rows if r["exercise"] == "TOTAL"}
+    auto_max = sum(e["points"] for e in spec if e["kind"] == "auto")
+    assert int(total["alice"]["points"]) == auto_max and total["alice"]["late"] == "late"
+    assert int(total["bob"]["points"]) == 0 and total["bob"]["late"] == ""
+    table = list(csv.DictReader(lms.open()))
+    assert [r["student"] for r in table] == ["alice", "bob"]
+    assert list(table[0]) == ["student", *[e["label"] for e in spec], "total", "late"]
+    text = (fb / "bob.md").read_text()
+    assert "# Feedback: bob" in text and "FAIL" in text and "tolerance" in text
+    results = json.loads((gs / "alice.json").read_text())
+    assert results["score"] == auto_max and {"name", "score", "max_score", "output"} <= set(
+        results["tests"][0]
+    )
+    # the teacher marks alice's explain answer; regrading bob alone keeps it and alice's rows
+    for r in rows:
+        if r["student"] == "alice" and r["exercise"] == manual:
+            r["hand_points"] = "2"
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=grade.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    assert grade.main([str(bob), *common]) == 0
+    again = list(csv.DictReader(out.open()))
+    total = {r["student"]: r for r in again if r["exercise"] == "TOTAL"}
+    assert int(total["alice"]["points"]) == auto_max + 2
+    assert {r["student"] for r in again} == {"alice", "bob"}

@@ -22,6 +22,7 @@ import copy
 import dis
 import math
 import numbers
+import re
 import sys
 import sysconfig
 import types
@@ -177,7 +178,7 @@ def _reader_functions(fn: Callable, banned: dict[int, Callable]) -> list[types.F
             if parent is None or _is_book(parent):
                 banned[id(f)]()  # the book's own function, handed in as the answer: raises
             continue  # named by the reader's code: shadowed below
-        if id(f) in seen:
+        if id(f) in seen or getattr(f, "runs_elsewhere", False):
             continue
         seen.add(id(f))
         inner = [getattr(f, a) for a in ("func", "__func__", "__wrapped__") if hasattr(f, a)]
@@ -306,6 +307,58 @@ def forbidden(fn: Callable, *functions: Callable) -> Iterator[None]:
             f.__defaults__, f.__kwdefaults__ = positional, keyword
 
 
+# ----------------------------------------------------------------------------- grading
+_FORBIDDEN: tuple[Callable, ...] = ()
+_HIDDEN_SEED: int | None = None
+
+
+def forbidden_now() -> tuple[Callable, ...]:
+    """The library functions the running check forbids (the grader blocks them in its sandbox)."""
+    return _FORBIDDEN
+
+
+@contextlib.contextmanager
+def hidden_cases(seed: int | None) -> Iterator[None]:
+    """While active (``seed`` not None), the checks add cases drawn from ``seed`` to their public
+    ones: other shapes, values, ties and empty rows, so that an answer typed in for the public
+    cases fails. The grader turns this on; a notebook never does."""
+    global _HIDDEN_SEED
+    saved, _HIDDEN_SEED = _HIDDEN_SEED, seed
+    try:
+        yield
+    finally:
+        _HIDDEN_SEED = saved
+
+
+def _drawn(salt: int) -> torch.Generator | None:
+    """A generator for one check's hidden cases, or None outside grading."""
+    if _HIDDEN_SEED is None:
+        return None
+    return torch.Generator().manual_seed((_HIDDEN_SEED * 1_000_003 + salt) % 2**63)
+
+
+def _hidden_ints(salt: int, low: int, high: int, n: int, rows: int = 2) -> list[tuple[int, ...]]:
+    """``rows`` tuples of ``n`` integers in [low, high] for hidden cases (none outside grading)."""
+    g = _drawn(salt)
+    if g is None:
+        return []
+    return [
+        tuple(int(v) for v in torch.randint(low, high + 1, (n,), generator=g)) for _ in range(rows)
+    ]
+
+
+HIDDEN = "hidden case"
+
+
+def _redacted(why: str) -> str:
+    """A hidden case's FAIL text without the expected answer (what went wrong stays)."""
+    why = re.sub(r":\s*expected \[[^\]]*\]", "", why)
+    why = re.sub(
+        r"expected (about )?-?[\d.]+(e-?\d+)?( \(within [^)]*\))?", "expected another value", why
+    )
+    return re.sub(r"off by [\d.e-]+", "off", why)
+
+
 class Verdict:
     """The result of a check: true when every case passed; its repr is a one-line summary."""
 
@@ -335,16 +388,23 @@ def run_check(
     |expected|`` (an honest float32 computation passes), masks and whole numbers only exactly.
     ``forbid`` lists library functions the reader must not call.
     """
+    global _FORBIDDEN
     print(f"check: {title}")
     passed = 0
+    elsewhere = getattr(fn, "runs_elsewhere", False)  # the grader's sandboxed function
     for label, args, want in cases:
+        saved, _FORBIDDEN = _FORBIDDEN, tuple(forbid)
         try:
-            with forbidden(fn, *forbid):
+            with contextlib.nullcontext() if elsewhere else forbidden(fn, *forbid):
                 got = fn(*args)
             why = _compare(got, want, atol)
         except Exception as e:  # the reader's code may raise anything; report it, do not crash
             why = f"your function raised {type(e).__name__}: {str(e)[:200]}"
+        finally:
+            _FORBIDDEN = saved
         passed += why is None
+        if why is not None and label.startswith(HIDDEN):
+            why = _redacted(why)
         print(
             f"  {'pass' if why is None else 'FAIL'}: {label}" + ("" if why is None else f" ({why})")
         )
@@ -353,13 +413,22 @@ def run_check(
 
 def _tensors() -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {
+    out = {
         "random 4x6": torch.randn(4, 6, generator=g),
         "ties 3x4": torch.tensor(
             [[1.0, -1.0, 2.0, 0.0], [0.0, 1.0, -2.0, 1.0], [3.0, 0.0, 1.0, -1.0]]
         ),
         "conv 3x2x3x3": torch.randn(3, 2, 3, 3, generator=g),
     }
+    h = _drawn(1)
+    if h is not None:  # other shapes; values on a coarse grid (ties) and a row of zeros
+        rows, cols = (int(v) for v in torch.randint(3, 9, (2,), generator=h))
+        w = torch.randint(-4, 5, (rows, cols), generator=h).float() / 2
+        w[int(torch.randint(0, rows, (1,), generator=h))] = 0
+        out[f"{HIDDEN} {rows}x{cols} with ties"] = w
+        shape = tuple(int(v) for v in torch.randint(2, 5, (4,), generator=h))
+        out[f"{HIDDEN} conv {'x'.join(map(str, shape))}"] = torch.randn(shape, generator=h)
+    return out
 
 
 # ----------------------------------------------------------------------------- a toy task
@@ -472,21 +541,24 @@ def check_model_megabytes(fn: Callable[[int, int], float]) -> Verdict:
         (f"{n:,} params at {b} bits", (n, b), n * b / 8 / 1e6)
         for n, b in [(61_706, 32), (25_557_032, 32), (25_557_032, 8), (1_000_000, 4)]
     ]
+    cases += [
+        (f"{HIDDEN}: {n:,} params at {b} bits", (n, b), n * b / 8 / 1e6)
+        for n, b in [(n, (4, 8, 16, 32)[b % 4]) for n, b in _hidden_ints(2, 1, 10**8, 2)]
+    ]
     return run_check("model size in MB", fn, cases)
 
 
 def check_conv_macs(fn: Callable[[int, int, int, int, int], int]) -> Verdict:
     """``fn(c_in, c_out, k, h_out, w_out) -> multiply-accumulates`` of a k x k Conv2d (groups=1)."""
     cases = []
-    for c_in, c_out, k, h, w in [
-        (1, 6, 5, 28, 28),
-        (6, 16, 5, 10, 10),
-        (64, 128, 3, 16, 16),
-        (3, 8, 1, 7, 9),
-    ]:
+    hidden = [(a, b, (1, 3, 5)[k % 3], h, w) for a, b, k, h, w in _hidden_ints(3, 1, 24, 5)]
+    for i, (c_in, c_out, k, h, w) in enumerate(
+        [(1, 6, 5, 28, 28), (6, 16, 5, 10, 10), (64, 128, 3, 16, 16), (3, 8, 1, 7, 9), *hidden]
+    ):
         conv = nn.Conv2d(c_in, c_out, k, bias=False)
         want = measure.count_flops(conv, torch.zeros(1, c_in, h + k - 1, w + k - 1)) // 2
-        cases.append((f"conv {c_in}->{c_out}, {k}x{k}, out {h}x{w}", (c_in, c_out, k, h, w), want))
+        name = f"conv {c_in}->{c_out}, {k}x{k}, out {h}x{w}"
+        cases.append((f"{HIDDEN}: {name}" if i >= 4 else name, (c_in, c_out, k, h, w), want))
     return run_check(
         "MACs of a convolution", fn, cases, forbid=(measure.count_flops, measure.layer_macs)
     )
@@ -549,6 +621,14 @@ def check_local_counts(fn: Callable[[Sequence[int], float], list[int]]) -> Verdi
         (f"sizes {s}, ratio {r}", (list(s), r), [round(r * n) for n in s])
         for s, r in [((150, 2400, 48000), 0.5), ((10, 10), 0.25), ((7, 3, 1), 0.9), ((100,), 0.1)]
     ]
+    cases += [
+        (
+            f"{HIDDEN}: sizes {list(s[:3])}, ratio {s[3] / 20}",
+            (list(s[:3]), s[3] / 20),
+            [round(s[3] / 20 * n) for n in s[:3]],
+        )
+        for s in _hidden_ints(4, 1, 19, 4)
+    ]
     return run_check("weights pruned per layer (local)", fn, cases)
 
 
@@ -562,6 +642,11 @@ def check_theoretical_speedup(fn: Callable[[Sequence[int], Sequence[float]], flo
             ((10,), (0.1,)),
         ]
     ]
+    for m in _hidden_ints(5, 10, 5000, 3):
+        d = [round(0.05 + 0.3 * i, 2) for i in range(3)]
+        cases.append(
+            (f"{HIDDEN}: macs {list(m)}", (list(m), d), sum(m) / sum(a * b for a, b in zip(m, d)))
+        )
     return run_check("theoretical speedup", fn, cases, atol=1e-9, forbid=(measure.effective_macs,))
 
 
@@ -901,11 +986,19 @@ def check_csr_bytes(fn: Callable[[int, int, int], int]) -> Verdict:
     """``fn(rows, cols, nnz) -> bytes`` of a float32 CSR matrix with int64 indices, as PyTorch stores
     it: a value and a column index per non-zero, and rows + 1 row pointers."""
     cases = []
-    for rows, cols, nnz in [(3, 4, 2), (120, 400, 4800), (4096, 4096, 167772), (10, 10, 0)]:
+    hidden = [(r, c, (r * c * z) // 30) for r, c, z in _hidden_ints(6, 2, 30, 3)]
+    for rows, cols, nnz in [
+        (3, 4, 2),
+        (120, 400, 4800),
+        (4096, 4096, 167772),
+        (10, 10, 0),
+        *hidden,
+    ]:
         w = torch.zeros(rows * cols)
         w[:nnz] = 1.0
         cases.append(
             (
+                f"{HIDDEN if len(cases) >= 4 else ''}{': ' if len(cases) >= 4 else ''}"
                 f"{rows}x{cols}, {nnz} non-zeros",
                 (rows, cols, nnz),
                 measure.csr_bytes(w.view(rows, cols)),
@@ -996,6 +1089,14 @@ def check_relative_amount(fn: Callable[[float, float], float]) -> Verdict:
     cases = [
         (f"{c} -> {t}", (c, t), (t - c) / (1 - c))
         for c, t in [(0.0, 0.5), (0.5, 0.75), (0.9, 0.95), (0.3, 0.3)]
+    ]
+    cases += [
+        (
+            f"{HIDDEN}: {a / 100} -> {(a + b) / 100}",
+            (a / 100, (a + b) / 100),
+            (b / 100) / (1 - a / 100),
+        )
+        for a, b in _hidden_ints(7, 0, 45, 2)
     ]
     return run_check("relative amount", fn, cases, atol=1e-9)
 
@@ -1095,6 +1196,14 @@ def check_mask_overlap(fn: Callable[[Tensor, Tensor], float]) -> Verdict:
         "disjoint, float masks": (torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])),
         "both empty": (torch.zeros(3), torch.zeros(3)),
     }
+    h = _drawn(9)
+    if h is not None:
+        n = int(torch.randint(5, 40, (1,), generator=h))
+        pairs[f"{HIDDEN}: random {n}"] = (
+            torch.rand(n, generator=h) < 0.4,
+            (torch.rand(n, generator=h) < 0.6).float(),
+        )
+        pairs[f"{HIDDEN}: both empty, {n}"] = (torch.zeros(n, dtype=torch.bool), torch.zeros(n))
     cases = []
     for name, (a, b) in pairs.items():
         a_, b_ = a.bool(), b.bool()
@@ -1122,6 +1231,9 @@ def check_total_sparsity(fn: Callable[[dict[str, int], dict[str, float]], float]
         ("equal sizes", {"a": 10, "b": 10}, {"a": 0.2, "b": 0.6}),
         ("counts that are not whole (exact, not rounded)", {"a": 3, "b": 7}, {"a": 0.5, "b": 0.5}),
     ]
+    for i, row in enumerate(_hidden_ints(8, 1, 999, 4)):
+        sizes = {f"layer{j}": n for j, n in enumerate(row[:3])}
+        tables.append((f"{HIDDEN} {i + 1}", sizes, {"layer0": row[3] / 1000, "layer2": 0.5}))
     cases = [
         (
             label,
@@ -1151,6 +1263,13 @@ class _EpochWatch:
             raise AttributeError(name)
         return getattr(self.loader, name)
 
+    def grader_state(self) -> dict:
+        """What the grader brings back from its sandbox: the sparsity at each epoch's start."""
+        return {"starts": [float(v) for v in self.starts]}
+
+    def grader_restore(self, state: dict) -> None:
+        self.starts = [float(v) for v in state["starts"]]
+
 
 def check_gradual_pruning(fn: Callable[[nn.Module, Any, float, int], nn.Module]) -> Verdict:
     """Experiment: ``fn(model, train_loader, final, epochs) -> model``. ``model`` is an *untrained*
@@ -1158,7 +1277,9 @@ def check_gradual_pruning(fn: Callable[[nn.Module, Any, float, int], nn.Module])
     training, e.g. on a cubic schedule). The result must be ``final`` sparse (within 0.005) over its
     Linear weights, with validation accuracy within 3 points of a dense model trained as long, and
     the ramp must end before the last pass over ``train_loader`` starts (no weight is pruned in the
-    last epoch), so that at least the last epoch trains the pruned network."""
+    last epoch), so that at least the last epoch trains the pruned network. The method is checked
+    too: the sparsity recorded at the epochs' starts must take at least 3 levels between 0 and
+    ``final`` (pruning once and fine-tuning is not pruning while training)."""
     final, epochs = 0.95, 10
     _, loader, val, dense = _trained_toy(0)
     torch.manual_seed(1)
@@ -1173,6 +1294,13 @@ def check_gradual_pruning(fn: Callable[[nn.Module, Any, float, int], nn.Module])
             return "train the model on train_loader (no pass over it started)"
         if len(watched.starts) != epochs:
             return f"train for exactly {epochs} epochs: {len(watched.starts)} passes over train_loader started"
+        levels = sorted({round(v, 3) for v in watched.starts if 0.01 < v < final - 0.01})
+        if len(levels) < 3:  # one-shot pruning, then fine-tuning, is not pruning while training
+            return (
+                f"the sparsity at the epochs' starts was {[round(v, 3) for v in watched.starts]}: "
+                "raise it step by step while training (at least 3 levels between 0 and the "
+                "final sparsity), not in one or two jumps"
+            )
         if (
             s - watched.starts[-1] > 1e-4
         ):  # more than a rounding step: weights were pruned in the last epoch
