@@ -75,7 +75,11 @@ def exercise_spec(chapter: Path) -> list[dict]:
         imports = [
             ast.get_source_segment(cell.source, s)
             for s in tree.body
-            if isinstance(s, ast.ImportFrom) and (s.module or "").startswith("utils.")
+            if isinstance(s, ast.ImportFrom)
+            and (
+                (s.module or "").startswith("utils.")
+                or any(a.name.startswith("check_") for a in s.names)  # a teacher's own checks
+            )
         ]
         calls = [
             s.value
@@ -729,6 +733,10 @@ def grade_one(
             str(cell_timeout),
         ]
         env = {**os.environ, "PRUNING_BOOK_QUIET": "1", "MPLBACKEND": "Agg"}
+        # a teacher's own check module may sit beside their (private) chapter
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(source.resolve().parent), os.environ.get("PYTHONPATH", "")) if p
+        )
         proc = subprocess.Popen(
             cmd,
             cwd=private,

@@ -700,3 +700,41 @@ def test_cli_writes_csv_feedback_and_lms_exports_and_keeps_hand_points(tmp_path)
     total = {r["student"]: r for r in again if r["exercise"] == "TOTAL"}
     assert int(total["alice"]["points"]) == auto_max + 2
     assert {r["student"] for r in again} == {"alice", "bob"}
+
+
+def private_chapter(folder):
+    """A teacher's own chapter: one exercise whose check comes from a module beside it."""
+    (folder / "mychecks.py").write_text(
+        "from utils.kit.checks import run_check\n\n\n"
+        "def check_double(fn):\n"
+        '    return run_check("twice the input", fn, [("2", (2,), 4), ("3.5", (3.5,), 7.0)])\n'
+    )
+    cells = [
+        nbformat.v4.new_markdown_cell("# A private chapter"),
+        nbformat.v4.new_markdown_cell("## Exercises"),
+        nbformat.v4.new_markdown_cell(
+            "Write `double(x)`.", metadata={"tags": ["exercise", "ex-90-1"], "points": 1}
+        ),
+        nbformat.v4.new_code_cell(
+            "from mychecks import check_double\n\n\ndef double(x):\n    ...  # your code here"
+            "\n\n\ncheck_double(double)",
+            metadata={"tags": ["stub", "ex-90-1"]},
+        ),
+    ]
+    return write(nbformat.v4.new_notebook(cells=cells), folder / "90-private.ipynb")
+
+
+def test_a_teachers_own_check_module_is_part_of_the_spec(tmp_path):
+    spec = grade.exercise_spec(private_chapter(tmp_path))
+    assert spec[0]["imports"] == ["from mychecks import check_double"]
+    assert spec[0]["functions"] == ["double"] and spec[0]["takes"] == []
+
+
+@pytest.mark.heavy
+def test_a_private_chapter_with_its_own_checks_is_graded(tmp_path):
+    chapter = private_chapter(tmp_path)
+    nb = nbformat.read(chapter, as_version=4)
+    nb.cells[3].source = nb.cells[3].source.replace("...  # your code here", "return 2 * x")
+    answer = write(nb, tmp_path / "answer.ipynb")
+    rows = by_exercise(grade_files([answer], tmp_path, chapter=chapter, cell_timeout=60), answer)
+    assert rows["ex-90-1"]["points"] == 1, rows
