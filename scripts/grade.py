@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import hashlib
 import json
@@ -31,6 +32,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -45,6 +47,8 @@ import nbformat
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = re.compile(r"ex-\d+-\d+")
 PLACEHOLDER = "replace this line"
+MAX_REPLY = 256 * 2**20  # bytes of one result
+MAX_PARTS = 100_000  # containers, modules and values in one result
 STARTUP_LIMIT = 120  # seconds for a sandbox to load torch and the book (not the exercise's time)
 FIELDS = ["student", "exercise", "kind", "points", "max_points", "hand_points", "late", "message"]
 
@@ -229,14 +233,63 @@ def _exception(name: str, message: str) -> Exception:
     return kind(message)
 
 
-class Sandbox:
-    """One exercise's sandbox process (``grade_sandbox.py``), started at the first call with the
-    functions that exercise forbids, killed (its whole process group) by ``close``."""
+SANDBOX = Path(__file__).with_name("grade_sandbox.py")
 
-    def __init__(self, code: list[str], preload: list[str], box: Path, limit: float, skip: set):
-        self.code, self.preload, self.box, self.skip = code, preload, box, skip
+
+class Zygote:
+    """A process with torch, the book and the chapter's packages loaded, which forks one sandbox
+    per exercise (a fork takes milliseconds, a fresh interpreter 1.5 s to import torch). It runs
+    no submission code itself; each sandbox it forks builds its own walls."""
+
+    def __init__(self, folder: Path, preload: list[str]):
+        folder.mkdir(parents=True, exist_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SANDBOX), "--zygote", str(theirs.fileno()), *preload],
+            cwd=folder,
+            env=_sandbox_env(folder),
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        theirs.close()
+        self.sock = ours
+
+    def spawn(self, box: Path) -> tuple[int, int, int]:
+        """A new sandbox in ``box``: (its pid, the fd to read it from, the fd to write it to)."""
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        request = json.dumps({"box": str(box), "env": _sandbox_env(box)}).encode()
+        socket.send_fds(self.sock, [request], [to_r, from_w])
+        os.close(to_r)
+        os.close(from_w)
+        self.sock.settimeout(STARTUP_LIMIT)
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = self.sock.recv(256)
+            if not chunk:
+                raise RuntimeError("the grader's sandbox server stopped")
+            line += chunk
+        return json.loads(line)["pid"], from_r, to_w
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+class Sandbox:
+    """One exercise's sandbox process, forked by the zygote at the first call with the functions
+    that exercise forbids, killed (its whole process group) by ``close``."""
+
+    def __init__(self, zygote: Zygote, code: list[str], box: Path, limit: float, skip: set):
+        self.zygote, self.code, self.box, self.skip = zygote, code, box, skip
         self.deadline = time.monotonic() + limit
-        self.limit, self.proc, self.forbid, self.running = limit, None, None, None
+        self.limit, self.pid, self.forbid, self.running = limit, None, None, None
+        self.rfd = self.wfd = -1
         self.started = False
         self.notes: list[str] = []  # skipped statements: the submission's TOTAL row
         self.code_notes: list[str] = []
@@ -246,10 +299,10 @@ class Sandbox:
         data = b""
         while len(data) < n:
             left = self.deadline - time.monotonic()
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(left, 0))
+            ready, _, _ = select.select([self.rfd], [], [], max(left, 0))
             if not ready:
                 raise SandboxTimeout(self._timeout_text())
-            chunk = os.read(self.proc.stdout.fileno(), n - len(data))
+            chunk = os.read(self.rfd, n - len(data))
             if not chunk:
                 raise EOFError
             data += chunk
@@ -261,9 +314,12 @@ class Sandbox:
         return header, payload
 
     def _send(self, obj: Any) -> None:
-        data = pickle.dumps(obj)
-        self.proc.stdin.write(struct.pack(">I", len(data)) + data)
-        self.proc.stdin.flush()
+        data = memoryview(struct.pack(">I", len(pickle.dumps(obj))) + pickle.dumps(obj))
+        try:
+            while data:
+                data = data[os.write(self.wfd, data) :]
+        except BrokenPipeError:
+            raise EOFError from None
 
     def _timeout_text(self) -> str:
         where = (
@@ -279,15 +335,7 @@ class Sandbox:
         process is skipped and the sandbox started again."""
         self.close()
         self.box.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("grade_sandbox.py"))],
-            cwd=self.box,
-            env=_sandbox_env(self.box),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self.pid, self.rfd, self.wfd = self.zygote.spawn(self.box)
         self.forbid, self.running = forbid, None
         deadline, self.deadline = self.deadline, time.monotonic() + STARTUP_LIMIT
         try:
@@ -297,8 +345,7 @@ class Sandbox:
         if not self.started:  # the exercise's limit counts from here, imports done
             self.started, deadline = True, time.monotonic() + self.limit
         self.deadline = deadline
-        job = {"cells": self.code, "skip": sorted(self.skip), "forbid": forbid}
-        self._send({**job, "preload": self.preload})
+        self._send({"cells": self.code, "skip": sorted(self.skip), "forbid": forbid})
         while True:
             try:
                 header, _ = self._reply()
@@ -315,17 +362,23 @@ class Sandbox:
                 self.running = tuple(header["at"])
             elif header["op"] == "ready":
                 self.running = None
+                walls = header.get("walls", "")
+                if not walls.startswith("landlock") and walls not in self.notes:
+                    self.notes.append(
+                        f"file-system walls: Python's audit hook only ({walls}); C code in a "
+                        "submission could still read files: grade in a container"
+                    )
                 self.code_notes = header["notes"]  # statements that raised: the exercise's row
                 return
 
     def call(self, name: str, args: tuple, forbid: list[list[str]]) -> Any:
-        if self.proc is None or self.proc.poll() is not None or forbid != self.forbid:
+        if self.pid is None or forbid != self.forbid:
             self.start(forbid)
-        self._send({"name": name, "args": pickle.dumps(args)})
         try:
+            self._send({"name": name, "args": pickle.dumps(args)})
             header, payload = self._reply()
         except EOFError:
-            self.proc = None
+            self.close()
             raise _exception(
                 "ProcessEnded", "your code ended the grader's process (os._exit, exit() or a crash)"
             ) from None
@@ -340,15 +393,14 @@ class Sandbox:
         return from_sandbox(payload, args, header["result_is_arg"], header["grad"])
 
     def close(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            self.proc.wait()
-            for stream in (self.proc.stdin, self.proc.stdout):
-                stream.close()
-            self.proc = None
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.pid = None
+        for fd in (self.rfd, self.wfd):
+            if fd >= 0:
+                os.close(fd)
+        self.rfd = self.wfd = -1
 
 
 def _sandbox_env(box: Path) -> dict[str, str]:
@@ -413,8 +465,20 @@ def from_sandbox(payload: bytes, args: tuple, result_is_arg: int | None, grad: b
     import torch
     from torch import nn
 
-    with torch.serialization.safe_globals(_readable_classes()):
-        data = torch.load(io.BytesIO(payload), weights_only=True)
+    if len(payload) > MAX_REPLY:
+        raise _exception("UnreadableResult", f"the result takes {len(payload):,} bytes, too many")
+    try:
+        with torch.serialization.safe_globals(_readable_classes()):
+            data = torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as e:  # noqa: BLE001 (an object the grader does not read)
+        kinds = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        raise _exception(
+            "UnreadableResult",
+            "the grader reads back numbers, strings, tensors, lists, tuples, dicts and torch.nn "
+            "models only" + (f"; the result held a {kinds[0]}" if kinds else ""),
+        ) from None
+    if _size(data) > MAX_PARTS:
+        raise _exception("UnreadableResult", f"the result has more than {MAX_PARTS:,} parts")
     for orig, new in zip(args, data["args"]):
         if isinstance(orig, nn.Module) and isinstance(new, nn.Module):
             orig.__dict__.clear()
@@ -427,6 +491,25 @@ def from_sandbox(payload: bytes, args: tuple, result_is_arg: int | None, grad: b
     if grad and isinstance(result, torch.Tensor) and result.is_floating_point():
         result = result.detach().requires_grad_() * 1.0  # it kept its gradient over there
     return result
+
+
+def _size(x: Any) -> int:
+    """Parts of a decoded result (containers, modules, values), counted along every path and
+    stopped past ``MAX_PARTS``: a result built from many shared references is refused before a
+    check walks it."""
+    from torch import nn
+
+    count, todo = 0, [x]
+    while todo and count <= MAX_PARTS:
+        item = todo.pop()
+        count += 1
+        if isinstance(item, nn.Module):
+            todo += list(item._modules.values()) + list(vars(item).values())[:1000]
+        elif isinstance(item, dict):
+            todo += list(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo += list(item)
+    return count
 
 
 class Remote:
@@ -448,7 +531,7 @@ class Remote:
 def grade_exercise(
     ex: dict,
     code: list[str],
-    preload: list[str],
+    zygote: Zygote,
     box: Path,
     limit: float,
     skip: set,
@@ -456,14 +539,13 @@ def grade_exercise(
     chapter_space: dict,
 ) -> dict:
     """Run one exercise's check in this process on the student's function in a sandbox."""
-    import contextlib
     import io
 
     from utils.kit import checks
 
     notes: list[str] = []
     for attempt in range(3):  # a statement that hangs is skipped and the exercise rerun
-        sandbox = Sandbox(code, preload, box / f"{ex['label']}-{attempt}", limit, skip)
+        sandbox = Sandbox(zygote, code, box / f"{ex['label']}-{attempt}", limit, skip)
         space: dict = dict(chapter_space)
         for imp in ex["imports"]:
             exec(imp, space)
@@ -506,23 +588,31 @@ def worker(
         with open(job["objects"], "rb") as f:  # the grader's own pickle, built from the chapter
             chapter_space = pickle.load(f)
     results, notes, skip = {}, [], set()
-    for ex in spec:
-        if ex["kind"] != "auto":
-            continue
-        if ex["takes"] and full is None:
-            full = submission_code(nb, full=True)
-        r = grade_exercise(
-            ex,
-            full if ex["takes"] else code,
-            job["preload"],
-            result_path.parent / "boxes",
-            cell_timeout,
-            skip,
-            job.get("seed"),
-            chapter_space,
-        )
-        notes += [n for n in r.pop("notes") if n not in notes]
-        results[ex["label"]] = r
+    boxes = result_path.parent.parent / "box"  # beside private/, never inside it
+    zygote = None
+    try:
+        for ex in spec:
+            if ex["kind"] != "auto":
+                continue
+            if ex["takes"] and full is None:
+                full = submission_code(nb, full=True)
+            if zygote is None:
+                zygote = Zygote(boxes / "zygote", job["preload"])
+            r = grade_exercise(
+                ex,
+                full if ex["takes"] else code,
+                zygote,
+                boxes,
+                cell_timeout,
+                skip,
+                job.get("seed"),
+                chapter_space,
+            )
+            notes += [n for n in r.pop("notes") if n not in notes]
+            results[ex["label"]] = r
+    finally:
+        if zygote is not None:
+            zygote.close()
     result_path.write_text(
         json.dumps({"results": results, "notes": notes, "answers": _answers(nb)})
     )

@@ -57,6 +57,36 @@ BLOCKED_EVENTS = {
 }
 BLOCKED_IMPORTS = {"_posixsubprocess", "_ctypes", "ctypes", "posix", "_socket", "socket", "pty"}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+DIR_FD_ARGS = {  # how many of an event's last arguments are dir_fd (-1 when not given)
+    "os.remove": 1,
+    "os.rmdir": 1,
+    "os.rename": 2,
+    "os.replace": 2,
+    "os.chmod": 1,
+    "os.chown": 1,
+    "os.utime": 1,
+    "os.mkdir": 1,
+    "os.link": 2,
+    "shutil.rmtree": 1,
+}
+CHANGING_EVENTS = {
+    "os.remove",
+    "os.rmdir",
+    "os.rename",
+    "os.replace",
+    "os.truncate",
+    "os.chmod",
+    "os.chown",
+    "os.utime",
+    "os.mkdir",
+    "os.link",
+    "os.chflags",
+    "os.lchflags",
+    "os.lchmod",
+    "shutil.rmtree",
+    "shutil.move",
+    "shutil.copyfile",
+}
 
 
 # ----------------------------------------------------------------------------- the channel
@@ -74,6 +104,87 @@ def write_reply(stream: BinaryIO, header: dict, payload: bytes = b"") -> None:
 
 
 # ----------------------------------------------------------------------------- the walls
+# Landlock (Linux 5.13+): the kernel's own file-system walls, which an unprivileged process puts
+# around itself; they hold for C code too (torch.from_file, torch.save to a path, dir_fd tricks).
+_FS_FILE = (
+    (1 << 0) | (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15)
+)  # execute, write, read, truncate, ioctl
+_FS_READ = (1 << 0) | (1 << 2) | (1 << 3)  # execute, read file, read dir
+_FS_ALL_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}
+
+
+def _landlock(read: list[str], write: list[str], hidden: set[str]) -> str:
+    """Restrict this process with Landlock: read (and load) only under ``read`` (minus the files
+    in ``hidden``), write only under ``write``, no TCP, no signals out. Returns what it did."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 1:
+        return f"Landlock is not available here (errno {ctypes.get_errno()})"
+    fs_all = _FS_ALL_BY_ABI.get(abi, (1 << 16) - 1)
+    attr = (ctypes.c_uint64 * 3)(fs_all, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = libc.syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return f"Landlock refused a ruleset (errno {ctypes.get_errno()})"
+
+    class Beneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    def allow(path: str, access: int) -> None:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return
+        if not os.path.isdir(path):
+            access &= _FS_FILE
+        rule = Beneath(access & fs_all, fd)
+        libc.syscall(445, ruleset, 1, ctypes.byref(rule), ctypes.c_uint32(0))
+        os.close(fd)
+
+    def grant(folder: str) -> None:  # a folder holding a hidden file: entry by entry
+        if not any(h.startswith(folder.rstrip("/") + "/") for h in hidden):
+            allow(folder, _FS_READ)
+            return
+        allow(folder, 1 << 3)  # list it
+        for entry in os.scandir(folder):
+            if entry.is_dir(follow_symlinks=False):
+                grant(entry.path)
+            elif entry.path not in hidden:
+                allow(entry.path, _FS_READ)
+
+    for root in read:
+        grant(root)
+    for root in write:
+        allow(root, fs_all)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, which restrict_self requires
+        return f"Landlock: no_new_privs refused (errno {ctypes.get_errno()})"
+    if libc.syscall(446, ruleset, ctypes.c_uint32(0)) != 0:
+        return f"Landlock: restrict_self refused (errno {ctypes.get_errno()})"
+    os.close(ruleset)
+    return f"landlock abi {abi}"
+
+
+def _hidden_files(forbid: list[list[str]]) -> set[str]:
+    """The source and compiled files of the modules that define a forbidden function: no
+    re-reading them (``importlib.reload`` would make the function anew)."""
+    out = set()
+    for module_name, _ in forbid:
+        module = sys.modules.get(module_name)
+        source = getattr(module, "__file__", None)
+        if not source:
+            continue
+        source = os.path.realpath(source)
+        out.add(source)
+        cache = os.path.join(os.path.dirname(source), "__pycache__")
+        stem = os.path.splitext(os.path.basename(source))[0] + "."
+        if os.path.isdir(cache):
+            out |= {os.path.join(cache, f) for f in os.listdir(cache) if f.startswith(stem)}
+    return out
+
+
 def _roots(extra: list[str]) -> tuple[list[str], list[str]]:
     """(folders the student's code may read, folders it may write)."""
     import torch
@@ -95,10 +206,14 @@ def _inside(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-def install_walls(box: str) -> None:
-    """The audit hook: from here on, this process cannot start another, load C code, reach the
-    network or touch files outside Python, the book's package and ``box``."""
+def install_walls(box: str, forbid: list[list[str]]) -> str:
+    """The walls: Landlock where the kernel has it, and an audit hook in any case. From here on,
+    this process cannot start another, load C code through ctypes, reach the network, re-read
+    the modules of the forbidden functions or touch files outside Python, the book's package
+    and ``box``. Returns what holds the file-system walls."""
     read_roots, write_roots = _roots([box])
+    hidden = _hidden_files(forbid)
+    walls = _landlock(read_roots, write_roots, hidden)
 
     def hook(event: str, args: tuple) -> None:
         if event in BLOCKED_EVENTS:
@@ -110,6 +225,8 @@ def install_walls(box: str) -> None:
             if path is None or isinstance(path, int):
                 return
             real = os.path.realpath(os.fsdecode(path))
+            if real in hidden:
+                raise PermissionError(f"the grader does not let a submission read {real}")
             writing = bool(mode and set(str(mode)) & set("wax+")) or bool(
                 (flags or 0) & WRITE_FLAGS
             )
@@ -117,15 +234,21 @@ def install_walls(box: str) -> None:
                 raise PermissionError(
                     f"the grader does not let a submission {'write' if writing else 'read'} {real}"
                 )
-        if event in ("os.remove", "os.rmdir", "os.rename", "os.replace", "shutil.rmtree"):
-            target = args[0] if args else None
-            if isinstance(target, (str, bytes, os.PathLike)):
-                if not _inside(os.path.realpath(os.fsdecode(target)), write_roots):
+        if event in CHANGING_EVENTS:
+            two = event in ("os.rename", "os.replace", "os.link", "shutil.move", "shutil.copyfile")
+            for target in args[: 2 if two else 1]:
+                if isinstance(target, (str, bytes, os.PathLike)) and not _inside(
+                    os.path.realpath(os.fsdecode(target)), write_roots
+                ):
                     raise PermissionError(f"the grader does not let a submission change {target}")
+            tail = DIR_FD_ARGS.get(event, 0)
+            if tail and any(isinstance(a, int) and a >= 0 for a in args[-tail:]):
+                raise PermissionError(f"the grader does not allow {event} with dir_fd here")
 
     sys.modules["_posixsubprocess"].fork_exec = _refused  # type: ignore[attr-defined]
     sys.dont_write_bytecode = True
     sys.addaudithook(hook)
+    return walls
 
 
 def _refused(*args: Any, **kwargs: Any) -> Any:
@@ -161,18 +284,28 @@ class Unportable(Exception):
 
 
 def _module(m: Any) -> Any:
-    """A copy of a model with its masks applied: parametrizations and torch.nn.utils.prune's
-    re-parametrizations made permanent (the weights hold the zeros), hooks refused."""
+    """A copy of a model with its masks applied: torch.nn.utils.prune's re-parametrizations and
+    parametrizations made permanent (the weights hold the zeros). Refused: layers of the
+    student's own classes, hooks, and methods replaced on an instance (``m.forward = ...``)."""
     from torch.nn.utils import parametrize, prune
 
-    m = copy.deepcopy(m)
-    for sub in m.modules():
-        if parametrize.is_parametrized(sub):
-            for name in list(sub.parametrizations):
-                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+    for sub in m.modules():  # torch's pruning first, in place: its weight cannot be deep-copied
         for hook in list(sub._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(sub, hook._tensor_name)
+    m = copy.deepcopy(m)
+    for sub in m.modules():
+        kind = type(sub)
+        if parametrize.is_parametrized(sub):
+            for name in list(sub.parametrizations):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+            kind = type(sub)
+        if not kind.__module__.startswith(("torch.nn", "torchvision.", "utils.")):
+            raise Unportable(
+                f"the returned model holds a {kind.__name__}, a class of your own: the grader "
+                "takes back models built from torch.nn layers (copy its weights, masks applied, "
+                "into the torch.nn layer it extends)"
+            )
         hooks = [
             h
             for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
@@ -180,9 +313,15 @@ def _module(m: Any) -> Any:
         ]
         if hooks:
             raise Unportable(
-                f"the returned model's {type(sub).__name__} carries hooks ({', '.join(hooks)}): "
+                f"the returned model's {kind.__name__} carries hooks ({', '.join(hooks)}): "
                 "return a model whose weights hold the result (masks from utils.pruning or "
                 "torch.nn.utils.prune are fine)"
+            )
+        shadowed = [k for k in vars(sub) if callable(getattr(kind, k, None))]
+        if shadowed:
+            raise Unportable(
+                f"the returned model's {kind.__name__} has {', '.join(shadowed)} replaced on the "
+                "instance: the grader takes back layers that compute as their class does"
             )
     return m
 
@@ -195,10 +334,12 @@ def portable(x: Any, memo: dict[int, Any], strict: bool = True) -> Any:
 
     if id(x) in memo:
         return memo[id(x)]
-    if x is None or isinstance(x, (bool, int, float, complex, str)):
-        out = x
-    elif isinstance(x, np.generic):
+    if isinstance(x, np.generic):  # numpy.float64 is a float too: plain Python numbers go back
         out = x.item()
+    elif x is None or type(x) in (bool, int, float, complex, str):
+        out = x
+    elif isinstance(x, (bool, int, float, complex, str)):  # a subclass: its plain value
+        out = next(t for t in (bool, int, float, complex, str) if isinstance(x, t))(x)
     elif isinstance(x, np.ndarray):
         out = torch.from_numpy(x.copy())
     elif isinstance(x, torch.Tensor):
@@ -300,13 +441,13 @@ def main() -> None:
         except Exception:  # noqa: BLE001 (an optional package missing here)
             pass
     block(job.get("forbid", []))
-    install_walls(box)
+    walls = install_walls(box, job.get("forbid", []))
     space: dict = {"__name__": "__main__"}
     try:
         notes = run_statements(job, space, channel_out)
     except BaseException:  # noqa: BLE001
         notes = ["the sandbox failed: " + traceback.format_exc(limit=2)[-300:]]
-    write_reply(channel_out, {"op": "ready", "notes": notes})
+    write_reply(channel_out, {"op": "ready", "notes": notes, "walls": walls})
     while True:
         try:
             request = pickle.loads(read_frame(channel_in))
@@ -315,5 +456,56 @@ def main() -> None:
         answer_call(request, space, channel_out)
 
 
+def zygote(sock_fd: int, preload: list[str]) -> None:
+    """Load torch, the book and ``preload`` once, then fork a sandbox for each request on the
+    socket (its two pipe ends come with it); the sandbox builds its own walls in ``main``."""
+    import signal
+    import socket
+
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+
+    import utils.kit.checks  # noqa: F401
+    import utils.lab  # noqa: F401
+
+    for module in preload:
+        try:
+            __import__(module)
+        except Exception:  # noqa: BLE001 (an optional package missing here)
+            pass
+    sock = socket.socket(fileno=sock_fd)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the sandboxes
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 2)
+        except OSError:
+            return
+        if not message or len(fds) != 2:
+            return
+        request = json.loads(message)
+        pid = os.fork()
+        if pid == 0:  # the sandbox
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                sock.close()
+                os.setsid()
+                os.dup2(fds[0], 0)
+                os.dup2(fds[1], 1)
+                for fd in fds:
+                    os.close(fd)
+                os.chdir(request["box"])
+                os.environ.clear()
+                os.environ.update(request["env"])
+                main()
+            finally:
+                os._exit(0)
+        for fd in fds:
+            os.close(fd)
+        sock.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--zygote":
+        zygote(int(sys.argv[2]), sys.argv[3:])
+    else:
+        main()

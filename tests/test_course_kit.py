@@ -454,8 +454,8 @@ def test_endless_exercise_costs_only_itself_and_one_cell_limit(tmp_path):
     )
     path = write(nb, tmp_path / "endless-exercise.ipynb")
     t0 = time.perf_counter()
-    rows = by_exercise(grade_files([path], tmp_path, chapter=chapter, cell_timeout=15), path)
-    assert time.perf_counter() - t0 < 15 + 60, "one time-out, not one per case"
+    rows = by_exercise(grade_files([path], tmp_path, chapter=chapter, cell_timeout=10), path)
+    assert time.perf_counter() - t0 < 10 + 45, "one time-out, not one per case"
     assert rows[endless["label"]]["points"] == 0
     assert "not run again" in rows[endless["label"]]["message"], rows
     for e in auto[1:]:
@@ -573,6 +573,115 @@ def prune_and_finetune(model, train_loader, ratio):
     },
 ]
 
+TRICKS_3 += [
+    {  # C code reading the chapter; a blocked function made anew by reloading; forward hijacked
+        "ex-3-1": """
+import json, os
+from pathlib import Path
+import utils
+
+
+def share_at_threshold(w, theta):
+    book = Path(utils.__file__).resolve().parents[1] / "chapters" / "03-algorithms.ipynb"
+    raw = torch.from_file(str(book), shared=False, size=os.stat(book).st_size, dtype=torch.uint8)
+    cells = json.loads(bytes(raw.numpy()).decode())["cells"]
+    space = {"torch": torch}
+    for c in cells:
+        if "solution" in c["metadata"].get("tags", []) and "ex-3-1" in c["metadata"]["tags"]:
+            if c["cell_type"] == "code":
+                exec("".join(c["source"]).split("assert")[0], space)
+    return space["share_at_threshold"](w, theta)
+""",
+        "ex-3-2": """
+import importlib
+import utils.pruning.magnitude as magnitude
+
+
+def rowwise_mask(w, ratio):
+    fresh = importlib.reload(magnitude).smallest_k
+    rows = w.reshape(w.shape[0], -1).abs()
+    k = round(ratio * rows.shape[1])
+    return torch.stack([~fresh(r, k) for r in rows]).view_as(w)
+""",
+        "ex-3-3": """
+import copy
+import torch
+
+
+def prune_and_finetune(model, train_loader, ratio):  # zeros in the weights, a dense forward
+    dense = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            w = m.weight.data.view(-1)
+            w[: round(ratio * w.numel())] = 0
+    model.__dict__["forward"] = dense
+    return model
+""",
+    },
+    {  # a dir_fd read of the chapter; writes outside the sandbox; decoy layers
+        "ex-3-1": """
+import json, os
+from pathlib import Path
+import utils
+
+
+def share_at_threshold(w, theta):
+    package = Path(utils.__file__).resolve().parent
+    fd = os.open(str(package), os.O_RDONLY)
+    os.chdir(os.path.dirname(torch.__file__))
+    f = os.open("../chapters/03-algorithms.ipynb", os.O_RDONLY, dir_fd=fd)
+    cells = json.loads(os.read(f, 10**8).decode())["cells"]
+    space = {"torch": torch}
+    for c in cells:
+        if "solution" in c["metadata"].get("tags", []) and "ex-3-1" in c["metadata"]["tags"]:
+            if c["cell_type"] == "code":
+                exec("".join(c["source"]).split("assert")[0], space)
+    return space["share_at_threshold"](w, theta)
+""",
+        "ex-3-2": """
+import os
+from utils.pruning import semi_structured_mask
+
+
+def rowwise_mask(w, ratio):
+    for attempt in (
+        lambda: torch.save(w, OUTSIDE + "-saved.pt"),
+        lambda: (open("planted.txt", "w").write("x"), os.rename("planted.txt", OUTSIDE + "-moved")),
+    ):
+        try:
+            attempt()
+        except Exception:
+            pass
+    rows = w.reshape(w.shape[0], -1)
+    m = rows.shape[1]
+    k = round(ratio * m)
+    keep = semi_structured_mask(rows.abs().flip(1), n=m - k, m=m).flip(1)
+    return keep.view_as(w)
+""",
+        "ex-3-3": """
+import torch
+from torch import nn
+
+
+def prune_and_finetune(model, train_loader, ratio):  # the dense net as 1x1 convolutions
+    convs = []
+    for m in model:
+        if isinstance(m, nn.Linear):
+            c = nn.Conv2d(m.in_features, m.out_features, 1)
+            c.weight.data = m.weight.data.clone()[:, :, None, None]
+            c.bias.data = m.bias.data.clone()
+            convs.append(c)
+        else:
+            convs.append(m)
+    decoy = nn.Linear(10, 10)
+    decoy.weight.data.view(-1)[: round(ratio * 100)] = 0
+    hidden = nn.Identity()
+    hidden.decoy = decoy
+    return nn.Sequential(nn.Unflatten(1, (10, 1, 1)), *convs, nn.Flatten(), hidden)
+""",
+    },
+]
+
 TRICKS_7 = {  # a different method than the one asked: one-shot pruning, then fine-tuning
     "ex-7-3": """
 from utils.lab.training import train
@@ -589,6 +698,41 @@ def prune_while_training(model, train_loader, final, epochs):
 def mask_overlap(a, b):  # no special case for two empty masks
     a, b = a.bool(), b.bool()
     return float((a & b).sum()) / float((a | b).sum())
+""",
+}
+
+
+HONEST_3 = {  # correct, and written differently from the reference: numpy, torch.nn.utils.prune
+    "ex-3-1": """
+import numpy as np
+
+
+def share_at_threshold(w, theta):
+    return np.mean(np.abs(w.numpy()) <= theta)
+""",
+    "ex-3-2": """
+import numpy as np
+
+
+def rowwise_mask(w, ratio):
+    rows = np.abs(w.reshape(w.shape[0], -1).numpy())
+    k = round(ratio * rows.shape[1])
+    keep = np.ones(rows.shape, dtype=bool)
+    order = np.argsort(rows, axis=1, kind="stable")[:, :k]
+    np.put_along_axis(keep, order, False, axis=1)
+    return torch.from_numpy(keep).view_as(w)
+""",
+    "ex-3-3": """
+from torch import nn
+from torch.nn.utils import prune
+from utils.lab.training import train
+
+
+def prune_and_finetune(model, train_loader, ratio):
+    layers = [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
+    prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=ratio)
+    train(model, train_loader, epochs=3, lr=0.02, progress=False)
+    return model
 """,
 }
 
@@ -613,13 +757,18 @@ def test_tricks_score_nothing_and_honest_work_scores_full_marks(tmp_path):
         nb = student(ch3)
         for label, source in tricks.items():
             nb = replace_stub(nb, label, source)
-        if i == 0:
-            table = f"TABLE = {public_share_table()!r}\n"
-            stub = next(c for c in nb.cells if "stub" in tags(c) and "ex-3-1" in tags(c))
-            stub.source = table + stub.source
+        first = next(c for c in nb.cells if "stub" in tags(c) and "ex-3-1" in tags(c))
+        first.source = (
+            f"TABLE = {public_share_table()!r}\nOUTSIDE = {str(tmp_path / 'planted')!r}\n"
+            + first.source
+        )
         paths.append(write(nb, tmp_path / f"tricks-{i}.ipynb"))
     honest = write(trimmed(nbformat.read(ch3, as_version=4)), tmp_path / "honest.ipynb")
-    rows = grade_files([*paths, honest], tmp_path, chapter=ch3, cell_timeout=120)
+    other = student(ch3)
+    for label, source in HONEST_3.items():
+        other = replace_stub(other, label, source)
+    other = write(other, tmp_path / "honest-other.ipynb")
+    rows = grade_files([*paths, honest, other], tmp_path, chapter=ch3, cell_timeout=120)
     for p in paths:
         r = by_exercise(rows, p)
         assert r["TOTAL"]["points"] == 0, (p.name, r)
@@ -627,10 +776,11 @@ def test_tricks_score_nothing_and_honest_work_scores_full_marks(tmp_path):
         "ex-3-1" in by_exercise(rows, paths[0])
         and "hidden case" in (by_exercise(rows, paths[0])["ex-3-1"]["output"])
     )
-    r = by_exercise(rows, honest)
-    assert r["TOTAL"]["points"] == sum(
-        e["points"] for e in grade.exercise_spec(ch3) if e["kind"] == "auto"
-    ), r
+    for p in (honest, other):
+        r = by_exercise(rows, p)
+        assert r["TOTAL"]["points"] == sum(
+            e["points"] for e in grade.exercise_spec(ch3) if e["kind"] == "auto"
+        ), (p.name, r)
     nb = student(ch7)
     for label, source in TRICKS_7.items():
         nb = replace_stub(nb, label, source)
@@ -638,6 +788,7 @@ def test_tricks_score_nothing_and_honest_work_scores_full_marks(tmp_path):
     r = by_exercise(grade_files([seven], tmp_path, chapter=ch7, cell_timeout=120), seven)
     assert r["ex-7-3"]["points"] == 0 and "step by step" in r["ex-7-3"]["output"], r["ex-7-3"]
     assert r["ex-7-2"]["points"] == 0, r["ex-7-2"]
+    assert not list(tmp_path.glob("planted*")), "a submission wrote outside its sandbox"
     leftovers = subprocess.run(["pgrep", "-f", "grade-\\*/private"], capture_output=True)
     assert leftovers.stdout == b"", "a process a submission started outlived its grading"
 

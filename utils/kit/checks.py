@@ -23,6 +23,7 @@ import dis
 import math
 import numbers
 import re
+import reprlib
 import sys
 import sysconfig
 import types
@@ -43,10 +44,14 @@ Judge = Callable[[Any], "str | None"]
 FLOAT32_RTOL = 1e-6  # relative tolerance of a number: a few float32 roundings (eps 1.2e-7)
 
 
+_SHORT = reprlib.Repr()  # bounded: a huge or deeply shared result must not cost minutes to show
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxother = 3, 8, 8, 8, 60
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, Tensor):
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    text = repr(x)
+    text = _SHORT.repr(x)
     return text if len(text) <= 80 else f"a {type(x).__name__} ({text[:60]}...)"
 
 
@@ -585,8 +590,7 @@ def check_mlp_widths(fn: Callable[[float, int], tuple[int, int]]) -> Verdict:
             h1, h2 = got
             if not h1 >= h2 >= 10:
                 return f"expected h1 >= h2 >= 10, got h1={h1}, h2={h2}"
-            mb = nn.Sequential(nn.Linear(784, h1), nn.Linear(h1, h2), nn.Linear(h2, 10))
-            size = sum(p.numel() for p in mb.parameters()) * bits / 8 / 1e6
+            size = mlp_params(h1, h2) * bits / 8 / 1e6
             if not 0.9 * budget <= size <= budget:
                 return f"784-{h1}-{h2}-10 takes {size:.4g} MB at {bits} bits; it must take {0.9 * budget:.4g} to {budget:g} MB"
             return None
@@ -720,7 +724,12 @@ def check_rowwise_mask(fn: Callable[[Tensor, float], Tensor]) -> Verdict:
         "row-wise magnitude mask",
         fn,
         cases,
-        forbid=(smallest_k, pruning.prune_unstructured, pruning.prune_structured),
+        forbid=(
+            smallest_k,
+            pruning.prune_unstructured,
+            pruning.prune_structured,
+            pruning.semi_structured_mask,  # an n:m mask with m = the row length is this one
+        ),
     )
 
 
@@ -748,6 +757,31 @@ def _sparse_toy_model(got: Any, ratio: float, val: tuple) -> tuple[str | None, f
     got = _as_model(got)
     if isinstance(got, str):
         return got, math.nan, math.nan
+    with torch.random.fork_rng():  # the reference layout, without touching the reader's RNG
+        reference = toy_model()
+
+    def layout(model: nn.Module) -> list[tuple]:  # masks (parametrizations) looked through
+        from torch.nn.utils import parametrize
+
+        out = []
+        for name, m in model.named_modules():
+            if ".parametrizations" in f".{name}" or name.endswith("parametrizations"):
+                continue
+            kind = type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
+            shapes = tuple(
+                tuple(getattr(m, t).shape) if isinstance(getattr(m, t, None), Tensor) else None
+                for t in ("weight", "bias")
+            )
+            out.append((name, kind.__name__, shapes))
+        return out
+
+    if layout(got) != layout(reference):
+        return (
+            "the returned model's layers differ from the toy MLP's (Linear 10-64, ReLU, Linear "
+            "64-64, ReLU, Linear 64-4): prune by zeroing weights, keep the layers",
+            math.nan,
+            math.nan,
+        )
     s = _linear_sparsity(got)
     if abs(s - ratio) > 0.005:
         return (
