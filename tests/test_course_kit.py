@@ -749,11 +749,24 @@ def public_share_table():
     return table
 
 
+def landlock_abi() -> int:
+    """The kernel's Landlock version (0 without it): the tricks that only Landlock stops (C code
+    reading or writing files) are graded only where the grader has it."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return max(0, libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1)))
+    except (OSError, AttributeError):
+        return 0
+
+
 @pytest.mark.heavy
 def test_tricks_score_nothing_and_honest_work_scores_full_marks(tmp_path):
     ch3, ch7 = chapter_named("03-algorithms"), chapter_named("07-trends")
     paths = []
-    for i, tricks in enumerate(TRICKS_3):
+    tricks_here = TRICKS_3 if landlock_abi() else TRICKS_3[:3]
+    for i, tricks in enumerate(tricks_here):
         nb = student(ch3)
         for label, source in tricks.items():
             nb = replace_stub(nb, label, source)
