@@ -2,13 +2,13 @@
 
     python scripts/grade.py submissions/*.ipynb --out grades.csv
     python scripts/grade.py alice.ipynb bob.ipynb --chapter chapters/03-algorithms.ipynb
-    python scripts/grade.py submissions/*.ipynb --jobs 2 --variant spring-2027 \
-        --feedback feedback/ --lms lms.csv
+    python scripts/grade.py submissions/*.ipynb --variant spring-2027 --feedback fb/ --lms lms.csv
 
 Each submission is graded by a worker process of its own. The worker reads the notebook as data
 and takes its exercise code (from the cells above the exercises only imports and definitions),
-then grades each exercise in a sandbox of its own (``grade_sandbox.py``: a fresh process that
-runs that code behind an audit hook and answers calls of the student's function). The check,
+then grades each exercise in a sandbox of its own (``grade_sandbox.py``: a process forked from a
+server that has loaded torch, which runs that code behind Landlock and an audit hook and
+answers calls of the student's function). The check,
 its expected answers and the verdict run here, in the worker, never in the student's process:
 the function's results come back read with ``torch.load(weights_only=True)``. Checks add hidden
 cases drawn from ``--variant`` (or a random seed). An exercise scores its points when every case
