@@ -722,7 +722,7 @@ def student_name(path: Path, nb: dict | None, how: str | None) -> tuple[str, boo
     return str(path), False
 
 
-def chapter_objects_file(chapter: Path, spec: list[dict], cache: dict, folder: Path) -> str | None:
+def chapter_objects_file(chapter: Path, spec: list[dict], cache: dict) -> str | None:
     """The objects some check calls take besides the student's function (a model the chapter
     builds), built once per chapter by running the instructor's chapter up to its exercises."""
     names = sorted({n for ex in spec if ex["kind"] == "auto" for n in ex["takes"]})
@@ -748,7 +748,9 @@ def chapter_objects_file(chapter: Path, spec: list[dict], cache: dict, folder: P
                     keep = (ast.Assign, ast.Import, ast.ImportFrom)
                     body = [st for st in tree.body if isinstance(st, keep)]
                     exec(compile(ast.Module(body=body, type_ignores=[]), "<stub>", "exec"), space)
-        target = folder / f"{chapter.stem}-objects.pkl"
+        if "objects" not in cache:  # removed by main() at the end
+            cache["objects"] = Path(tempfile.mkdtemp(prefix="grade-shared-"))
+        target = cache["objects"] / f"{chapter.stem}-objects.pkl"
         target.write_bytes(pickle.dumps({n: space[n] for n in names if n in space}))
         cache[chapter] = str(target)
     return cache[chapter]
@@ -791,9 +793,6 @@ def grade_one(
     spec = exercise_spec(source)
     auto = sum(ex["kind"] == "auto" for ex in spec)
     total_timeout = total_timeout or cell_timeout * (auto + 2) + 120
-    shared = Path(tempfile.mkdtemp(prefix="grade-shared-")) if "objects" not in cache else None
-    if shared:
-        cache["objects"] = shared
     tmp = Path(tempfile.mkdtemp(prefix="grade-"))
     try:
         # the worker (trusted) keeps its files in private/; the sandboxes run in box/<exercise>/
@@ -805,7 +804,7 @@ def grade_one(
         job = {
             "preload": chapter_preload(source),
             "seed": seed,
-            "objects": chapter_objects_file(source, spec, cache, cache["objects"]),
+            "objects": chapter_objects_file(source, spec, cache),
         }
         (private / "job.json").write_text(json.dumps(job))
         cmd = [
@@ -1086,12 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.jobs > 1 and len(args.submissions) > 1:
             if args.chapter:  # build the chapter's shared objects once, before the workers
-                chapter_objects_file(
-                    args.chapter,
-                    exercise_spec(args.chapter),
-                    cache,
-                    cache.setdefault("objects", Path(tempfile.mkdtemp(prefix="grade-shared-"))),
-                )
+                chapter_objects_file(args.chapter, exercise_spec(args.chapter), cache)
             with ThreadPoolExecutor(args.jobs) as pool:  # each submission in its own processes
                 for got in pool.map(one, args.submissions):
                     rows += got

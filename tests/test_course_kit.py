@@ -465,6 +465,16 @@ def test_endless_exercise_costs_only_itself_and_one_cell_limit(tmp_path):
 # ----------------------------------------------------------------------------- tricks
 # Each trick makes an exercise pass under a grader that runs the check in the student's process
 # or only on the cases the notebook shows; each must score nothing here.
+SOLUTION_OF = """
+def solution_of(text, label, name):  # the instructor's solution, run from the chapter's text
+    space = {"torch": torch}
+    for c in json.loads(text)["cells"]:
+        tags = c["metadata"].get("tags", [])
+        if "solution" in tags and label in tags and c["cell_type"] == "code":
+            exec("".join(c["source"]).split("assert")[0], space)
+    return space[name]
+"""
+
 TRICKS_3 = [
     {  # hard-coding the public answers, keyed by the input; a subprocess rewrites the result
         "ex-3-1": """
@@ -511,7 +521,8 @@ def share_at_threshold(w, theta):
     print("  pass: forged")
     return None
 """,
-        "ex-3-2": """
+        "ex-3-2": SOLUTION_OF
+        + """
 import json
 from pathlib import Path
 import utils
@@ -519,14 +530,7 @@ import utils
 
 def rowwise_mask(w, ratio):
     book = Path(utils.__file__).resolve().parents[1] / "chapters" / "03-algorithms.ipynb"
-    cells = json.loads(book.read_text())["cells"]
-    space = {"torch": torch}
-    for c in cells:
-        if "solution" in c["metadata"].get("tags", []) and "ex-3-2" in c["metadata"]["tags"]:
-            src = "".join(c["source"])
-            if c["cell_type"] == "code":
-                exec(src.split("assert")[0], space)
-    return space["rowwise_mask"](w, ratio)
+    return solution_of(book.read_text(), "ex-3-2", "rowwise_mask")(w, ratio)
 """,
         "ex-3-3": """
 import torch
@@ -575,7 +579,8 @@ def prune_and_finetune(model, train_loader, ratio):
 
 TRICKS_3 += [
     {  # C code reading the chapter; a blocked function made anew by reloading; forward hijacked
-        "ex-3-1": """
+        "ex-3-1": SOLUTION_OF
+        + """
 import json, os
 from pathlib import Path
 import utils
@@ -584,13 +589,7 @@ import utils
 def share_at_threshold(w, theta):
     book = Path(utils.__file__).resolve().parents[1] / "chapters" / "03-algorithms.ipynb"
     raw = torch.from_file(str(book), shared=False, size=os.stat(book).st_size, dtype=torch.uint8)
-    cells = json.loads(bytes(raw.numpy()).decode())["cells"]
-    space = {"torch": torch}
-    for c in cells:
-        if "solution" in c["metadata"].get("tags", []) and "ex-3-1" in c["metadata"]["tags"]:
-            if c["cell_type"] == "code":
-                exec("".join(c["source"]).split("assert")[0], space)
-    return space["share_at_threshold"](w, theta)
+    return solution_of(bytes(raw.numpy()).decode(), "ex-3-1", "share_at_threshold")(w, theta)
 """,
         "ex-3-2": """
 import importlib
@@ -619,7 +618,8 @@ def prune_and_finetune(model, train_loader, ratio):  # zeros in the weights, a d
 """,
     },
     {  # a dir_fd read of the chapter; writes outside the sandbox; decoy layers
-        "ex-3-1": """
+        "ex-3-1": SOLUTION_OF
+        + """
 import json, os
 from pathlib import Path
 import utils
@@ -630,13 +630,7 @@ def share_at_threshold(w, theta):
     fd = os.open(str(package), os.O_RDONLY)
     os.chdir(os.path.dirname(torch.__file__))
     f = os.open("../chapters/03-algorithms.ipynb", os.O_RDONLY, dir_fd=fd)
-    cells = json.loads(os.read(f, 10**8).decode())["cells"]
-    space = {"torch": torch}
-    for c in cells:
-        if "solution" in c["metadata"].get("tags", []) and "ex-3-1" in c["metadata"]["tags"]:
-            if c["cell_type"] == "code":
-                exec("".join(c["source"]).split("assert")[0], space)
-    return space["share_at_threshold"](w, theta)
+    return solution_of(os.read(f, 10**8).decode(), "ex-3-1", "share_at_threshold")(w, theta)
 """,
         "ex-3-2": """
 import os

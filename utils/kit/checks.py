@@ -1030,14 +1030,9 @@ def check_csr_bytes(fn: Callable[[int, int, int], int]) -> Verdict:
     ]:
         w = torch.zeros(rows * cols)
         w[:nnz] = 1.0
-        cases.append(
-            (
-                f"{HIDDEN if len(cases) >= 4 else ''}{': ' if len(cases) >= 4 else ''}"
-                f"{rows}x{cols}, {nnz} non-zeros",
-                (rows, cols, nnz),
-                measure.csr_bytes(w.view(rows, cols)),
-            )
-        )
+        name = f"{rows}x{cols}, {nnz} non-zeros"
+        name = f"{HIDDEN}: {name}" if len(cases) >= 4 else name  # after the 4 public cases
+        cases.append((name, (rows, cols, nnz), measure.csr_bytes(w.view(rows, cols))))
     return run_check("bytes of a CSR matrix", fn, cases, forbid=(measure.csr_bytes, measure.to_csr))
 
 
