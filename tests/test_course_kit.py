@@ -793,7 +793,7 @@ def test_tricks_score_nothing_and_honest_work_scores_full_marks(tmp_path):
         nb = replace_stub(nb, label, source)
     seven = write(nb, tmp_path / "tricks-7.ipynb")
     r = by_exercise(grade_files([seven], tmp_path, chapter=ch7, cell_timeout=120), seven)
-    assert r["ex-7-3"]["points"] == 0 and "step by step" in r["ex-7-3"]["output"], r["ex-7-3"]
+    assert r["ex-7-3"]["points"] == 0 and "rose by" in r["ex-7-3"]["output"], r["ex-7-3"]
     assert r["ex-7-2"]["points"] == 0, r["ex-7-2"]
     assert not list(tmp_path.glob("planted*")), "a submission wrote outside its sandbox"
     leftovers = []  # the detached process's command line names this pattern
